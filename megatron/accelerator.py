@@ -1,0 +1,123 @@
+"""The one place where the framework decides which device it runs on.
+
+Everything else asks this module for the device, the distributed backend, RNG helpers and
+memory statistics. It wraps DeepSpeed's accelerator abstraction (``cuda`` on NVIDIA GPUs,
+``cpu`` with the gloo backend elsewhere) and picks the CPU accelerator automatically on a
+machine without a GPU, before DeepSpeed is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+
+def _gpu_present() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def ensure_accelerator_env() -> str:
+    """Set ``DS_ACCELERATOR`` (if unset) so DeepSpeed picks the right accelerator.
+
+    Must run before ``import deepspeed`` anywhere in the process; ``megatron/__init__.py``
+    calls it. Returns the accelerator name.
+    """
+    name = os.environ.get("DS_ACCELERATOR")
+    if not name:
+        name = "cuda" if _gpu_present() else "cpu"
+        os.environ["DS_ACCELERATOR"] = name
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def get_accelerator() -> Any:
+    """DeepSpeed's accelerator object for this process."""
+    ensure_accelerator_env()
+    from deepspeed.accelerator import get_accelerator as _ds_get
+
+    return _ds_get()
+
+
+def accelerator_name() -> str:
+    return ensure_accelerator_env()
+
+
+def is_gpu() -> bool:
+    return accelerator_name() != "cpu"
+
+
+def device(local_rank: int | None = None) -> torch.device:
+    """The torch device this rank computes on."""
+    if not is_gpu():
+        return torch.device("cpu")
+    idx = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device(get_accelerator().device_name(idx))
+
+
+def set_device(local_rank: int) -> None:
+    if is_gpu():
+        get_accelerator().set_device(local_rank)
+
+
+def communication_backend() -> str:
+    """``nccl`` on NVIDIA GPUs, ``gloo`` on CPU ranks."""
+    if not is_gpu():
+        return "gloo"
+    return get_accelerator().communication_backend_name()
+
+
+def device_count() -> int:
+    """Number of local GPUs (0 on a CPU-only machine)."""
+    return torch.cuda.device_count() if _gpu_present() else 0
+
+
+def synchronize() -> None:
+    if is_gpu():
+        get_accelerator().synchronize()
+
+
+def manual_seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    if is_gpu():
+        get_accelerator().manual_seed_all(seed)
+
+
+def device_rng_state() -> torch.Tensor | None:
+    """RNG state of the compute device (None on CPU, where torch's state covers it)."""
+    return get_accelerator().get_rng_state() if is_gpu() else None
+
+
+def set_device_rng_state(state: torch.Tensor | None) -> None:
+    if is_gpu() and state is not None:
+        get_accelerator().set_rng_state(state)
+
+
+def supports_fp16() -> bool:
+    """fp16 training needs a GPU (DeepSpeed refuses it on the CPU accelerator)."""
+    return is_gpu()
+
+
+def supports_bf16() -> bool:
+    if not is_gpu():
+        return True
+    return bool(get_accelerator().is_bf16_supported())
+
+
+def device_name() -> str:
+    """Human-readable device name, used to look up the peak FLOP/s for MFU."""
+    if is_gpu():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return "cpu"
+
+
+def max_memory_allocated() -> int:
+    """Peak bytes allocated on the device (0 on CPU; use RSS there)."""
+    return int(torch.cuda.max_memory_allocated()) if is_gpu() else 0
+
+
+def flash_attention_available() -> bool:
+    """True where PyTorch's SDPA can use the flash kernel (a CUDA GPU)."""
+    return is_gpu() and torch.backends.cuda.flash_sdp_enabled()

@@ -1,0 +1,93 @@
+"""Parameter counts and training FLOPs of the GPT model, from its config alone.
+
+Used by the dry-run summary, the MFU in the training logs and the benchmarks, so all of them
+count the same way. The FLOPs count multiply-adds as 2 FLOPs and follow the usual
+transformer accounting: every weight matrix costs 2 FLOPs per token per parameter forward and
+4 backward; attention scores and the weighted sum cost 2 x 2 x seq x (heads x head_dim) per
+token and layer forward (the full square, as Megatron-LM reports it); recomputed activations
+add one more forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.neox_arguments.groups_model import GATED_ACTIVATIONS, ModelArgs, mlp_width
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int  # width of the MLP hidden layer (each half when gated)
+    gated: bool
+    vocab: int  # padded vocabulary
+    seq: int
+
+    @classmethod
+    def from_config(cls, model: ModelArgs, padded_vocab: int) -> ModelShape:
+        assert model.num_layers and model.hidden_size and model.num_attention_heads
+        heads = model.num_attention_heads
+        return cls(
+            layers=model.num_layers,
+            hidden=model.hidden_size,
+            heads=heads,
+            kv_heads=model.num_kv_heads or heads,
+            head_dim=model.hidden_size // heads,
+            ffn=mlp_width(model, model.activation),
+            gated=model.activation in GATED_ACTIVATIONS,
+            vocab=padded_vocab,
+            seq=model.seq_length or 0,
+        )
+
+    @property
+    def qkv_out(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def layer_matmul_params(self) -> int:
+        attn = self.hidden * self.qkv_out + self.heads * self.head_dim * self.hidden
+        mlp = self.hidden * self.ffn * (2 if self.gated else 1) + self.ffn * self.hidden
+        return attn + mlp
+
+
+def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
+    """Trainable parameters of the model as built (shared layers counted once)."""
+    s = ModelShape.from_config(model, padded_vocab)
+    norm = s.hidden * (2 if model.norm == "layernorm" and model.use_bias_in_norms else 1)
+    if model.norm == "scalenorm":
+        norm = 1
+    per_layer = s.layer_matmul_params()
+    if model.use_bias_in_attn_linear:
+        per_layer += s.qkv_out + s.hidden
+    if model.use_bias_in_mlp:
+        per_layer += s.ffn * (2 if s.gated else 1) + s.hidden
+    if model.use_qk_layernorm:
+        per_layer += 2 * (2 * s.head_dim if model.use_bias_in_norms else s.head_dim)
+    norms_per_layer = 1 if (model.gpt_j_residual and model.gpt_j_tied) else 2
+    per_layer += norms_per_layer * norm
+    unique_layers = model.num_unique_layers or s.layers
+    total = unique_layers * per_layer + norm  # + final norm
+    total += s.vocab * s.hidden  # input embedding
+    if model.no_weight_tying:
+        total += s.vocab * s.hidden
+    if model.pos_emb == "learned":
+        assert model.max_position_embeddings is not None
+        total += (model.max_position_embeddings + model.opt_pos_emb_offset) * s.hidden
+    if model.pos_emb == "rpe":
+        total += model.rpe_num_buckets * s.heads
+    return total
+
+
+def flops_per_token(model: ModelArgs, padded_vocab: int, *, recompute: bool = False) -> float:
+    """Training FLOPs (forward + backward, and a second forward when recomputing) per token."""
+    s = ModelShape.from_config(model, padded_vocab)
+    matmul_params = s.layers * s.layer_matmul_params() + s.vocab * s.hidden  # + output layer
+    forward = 2.0 * matmul_params + s.layers * 4.0 * s.seq * s.heads * s.head_dim
+    backward = 2.0 * forward
+    total = forward + backward
+    if recompute:
+        total += forward
+    return total

@@ -1,0 +1,267 @@
+"""Cross-key checks of a resolved config, and checks against the machine the ranks run on.
+
+``check_config`` covers what is wrong wherever the job runs. ``check_machine`` covers facts
+about the launch target (GPUs, files); they are errors when launching and warnings in a dry
+run, which may plan a launch for another machine.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from megatron.neox_arguments.fields import ConfigError
+from megatron.neox_arguments.groups_model import attention_layer_types
+
+if TYPE_CHECKING:
+    from megatron.neox_arguments.config import NeoXConfig
+    from megatron.neox_arguments.resolve import Locator, RunFacts
+
+SUPPORTED_ATTENTION = ("global", "flash", "local")
+SPARSE_ATTENTION = (
+    "sparse_fixed", "sparse_variable", "bigbird", "bslongformer", "gmlp", "amlp",
+)  # fmt: skip
+NEEDS_VOCAB = ("GPT2BPETokenizer", "HFGPT2Tokenizer", "HFTokenizer", "SPMTokenizer",
+               "TiktokenTokenizer")
+
+
+def _ranges(cfg: NeoXConfig, loc: Locator) -> None:
+    at_least_one = {
+        "num_layers": cfg.model.num_layers, "hidden_size": cfg.model.hidden_size,
+        "num_attention_heads": cfg.model.num_attention_heads,
+        "num_kv_heads": cfg.model.num_kv_heads, "seq_length": cfg.model.seq_length,
+        "max_position_embeddings": cfg.model.max_position_embeddings,
+        "make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by,
+        "mlp_multiple_of": cfg.model.mlp_multiple_of,
+        "intermediate_size": cfg.model.intermediate_size,
+        "checkpoint_num_layers": cfg.act_ckpt.checkpoint_num_layers,
+        "train_iters": cfg.training.train_iters, "train_epochs": cfg.training.train_epochs,
+        "eval_interval": cfg.training.eval_interval, "log_interval": cfg.logging.log_interval,
+        "save_interval": cfg.checkpoint.save_interval,
+        "keep_last_n_checkpoints": cfg.checkpoint.keep_last_n_checkpoints,
+        "exit_interval": cfg.training.exit_interval,
+        "num_unique_layers": cfg.model.num_unique_layers,
+        "max_consecutive_skipped_iters": cfg.training.max_consecutive_skipped_iters,
+        "rpe_num_buckets": cfg.model.rpe_num_buckets,
+        "lr_decay_iters": cfg.lr.lr_decay_iters,
+    }
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise loc.error(name, message=f"must be at least 1, got {value}")
+    not_negative = {
+        "eval_iters": cfg.training.eval_iters, "min_lr": cfg.lr.min_lr,
+        "weight_decay": cfg.optim.weight_decay, "init_method_std": cfg.model.init_method_std,
+        "gradient_clipping": cfg.training.gradient_clipping, "num_workers": cfg.data.num_workers,
+    }
+    for name, value in not_negative.items():
+        if value is not None and value < 0:
+            raise loc.error(name, message=f"must not be negative, got {value}")
+    fractions = {
+        "attention_dropout": (cfg.model.attention_dropout, False),
+        "hidden_dropout": (cfg.model.hidden_dropout, False),
+        "warmup": (cfg.lr.warmup, True), "rotary_pct": (cfg.model.rotary_pct, True),
+        "lr_decay_fraction": (cfg.lr.lr_decay_fraction, True),
+    }
+    for name, (value, closed) in fractions.items():
+        if value is None:
+            continue
+        if value < 0 or value > 1 or (value == 1 and not closed):
+            bound = "[0, 1]" if closed else "[0, 1)"
+            raise loc.error(name, message=f"must be in {bound}, got {value}")
+    if cfg.model.pos_emb == "rotary" and cfg.model.rotary_pct == 0:
+        raise loc.error("rotary_pct", message="must be above 0 with pos_emb: rotary")
+
+
+def _model(cfg: NeoXConfig, loc: Locator) -> None:
+    m, mp = cfg.model, cfg.parallelism.model_parallel_size
+    hidden, heads, kv = m.hidden_size, m.num_attention_heads, m.num_kv_heads
+    assert hidden is not None and heads is not None and kv is not None
+    if hidden % heads:
+        raise loc.error("hidden_size", "num_attention_heads", message=(
+            f"hidden_size {hidden} is not divisible by num_attention_heads {heads}"))
+    if heads % kv:
+        raise loc.error("num_kv_heads", message=(
+            f"num_attention_heads {heads} is not divisible by num_kv_heads {kv}"))
+    if heads % mp:
+        raise loc.error("num_attention_heads", "model_parallel_size", message=(
+            f"num_attention_heads {heads} is not divisible by model_parallel_size {mp}"))
+    if kv % mp:
+        raise loc.error("num_kv_heads", "model_parallel_size", message=(
+            f"num_kv_heads {kv} is not divisible by model_parallel_size {mp}"))
+    assert m.seq_length is not None and m.max_position_embeddings is not None
+    if m.max_position_embeddings < m.seq_length:
+        raise loc.error("max_position_embeddings", "seq_length", message=(
+            f"max_position_embeddings {m.max_position_embeddings} is smaller than "
+            f"seq_length {m.seq_length}"))
+    head_dim = hidden // heads
+    if m.pos_emb == "rotary":
+        rotary_dims = int(head_dim * m.rotary_pct)
+        if rotary_dims < 2 or rotary_dims % 2:
+            raise loc.error("rotary_pct", message=(
+                f"rotates {rotary_dims} of {head_dim} head dimensions; needs an even number "
+                "of at least 2"))
+    if m.intermediate_size is not None and m.intermediate_size % mp:
+        raise loc.error("intermediate_size", "model_parallel_size", message=(
+            f"intermediate_size {m.intermediate_size} is not divisible by model_parallel_size "
+            f"{mp}"))
+    assert m.num_layers is not None
+    if m.num_unique_layers is not None:
+        if m.num_layers % m.num_unique_layers:
+            raise loc.error("num_unique_layers", message=(
+                f"num_layers {m.num_layers} is not a multiple of num_unique_layers "
+                f"{m.num_unique_layers}"))
+        if cfg.parallelism.is_pipe_parallel:
+            raise loc.error("num_unique_layers", message=(
+                "layer sharing needs pipe_parallel_size: 0 (layers cannot be shared across "
+                "pipeline stages)"))
+    if m.sparsity != "none":
+        raise loc.error("sparsity", message=(
+            f"{m.sparsity!r} needs DeepSpeed's GPU sparse-attention kernels, which this "
+            "framework does not provide; use attention_config with global, flash or local"))
+    try:
+        kinds = attention_layer_types(m.attention_config, m.num_layers)
+    except ValueError as exc:
+        raise loc.error("attention_config", message=str(exc)) from None
+    for kind in sorted(set(kinds)):
+        if kind in SPARSE_ATTENTION:
+            raise loc.error("attention_config", message=(
+                f"{kind!r} attention needs DeepSpeed's GPU sparse-attention kernels (triton), "
+                f"which are not available; use one of {', '.join(SUPPORTED_ATTENTION)}"))
+        if kind not in SUPPORTED_ATTENTION:
+            raise loc.error("attention_config", message=(
+                f"unknown attention type {kind!r}; choose from "
+                f"{', '.join(SUPPORTED_ATTENTION)}"))
+    if "local" in kinds and m.sliding_window_width is None:
+        raise loc.error("sliding_window_width", message="required by 'local' attention layers")
+
+
+def _parallel(cfg: NeoXConfig, loc: Locator) -> None:
+    p = cfg.parallelism
+    stages = max(p.pipe_parallel_size, 1)
+    assert cfg.model.num_layers is not None
+    if cfg.model.num_layers < stages:
+        raise loc.error("num_layers", "pipe_parallel_size", message=(
+            f"num_layers {cfg.model.num_layers} is fewer than the {stages} pipeline stages"))
+    method = p.pipe_partition_method
+    if method.startswith("type:"):
+        try:
+            re.compile(method[len("type:"):], re.IGNORECASE)
+        except re.error as exc:
+            raise loc.error("pipe_partition_method", message=f"bad regex ({exc})") from None
+    elif method not in ("parameters", "uniform"):
+        raise loc.error("pipe_partition_method", message=(
+            f"{method!r}: use 'parameters', 'uniform' or 'type:<regex>'"))
+    zero = cfg.ds.zero_optimization or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise loc.error("zero_optimization", message=f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage >= 2 and p.is_pipe_parallel:
+        raise loc.error("zero_optimization", "pipe_parallel_size", message=(
+            f"ZeRO stage {stage} cannot be combined with pipeline parallelism "
+            f"(pipe_parallel_size {p.pipe_parallel_size}); use stage 0 or 1, or "
+            "pipe_parallel_size: 0"))
+    _check_zero_block(zero, loc)
+
+
+def _check_zero_block(zero: dict[str, Any], loc: Locator) -> None:
+    """Let DeepSpeed's own schema check the ZeRO block's keys before any rank starts."""
+    if not zero:
+        return
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:  # deepspeed missing: the launcher reports that itself
+        return
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except Exception as exc:  # pydantic.ValidationError
+        errors = getattr(exc, "errors", None)
+        if callable(errors) and errors():
+            first = errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise loc.error("zero_optimization", message=(
+                f"{where}: {first.get('msg', 'invalid')}")) from None
+        raise loc.error("zero_optimization", message=str(exc).splitlines()[0]) from None
+
+
+def _data(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
+    d = cfg.data
+    if d.data_path and d.train_data_paths:
+        raise loc.error("data_path", "train_data_paths", message=(
+            "set either data_path (with split) or train_data_paths, not both"))
+    for split in ("train", "valid", "test"):
+        paths = getattr(d, f"{split}_data_paths")
+        weights = getattr(d, f"{split}_data_weights")
+        labels = getattr(d, f"{split}_label_data_paths")
+        if weights is not None and (paths is None or len(weights) != len(paths)):
+            raise loc.error(f"{split}_data_weights", message=(
+                f"has {len(weights)} weights for {len(paths or [])} {split}_data_paths"))
+        if weights is not None and any(w < 0 for w in weights):
+            raise loc.error(f"{split}_data_weights", message="weights must not be negative")
+        if labels is not None and (paths is None or len(labels) != len(paths)):
+            raise loc.error(f"{split}_label_data_paths", message=(
+                f"has {len(labels)} entries for {len(paths or [])} {split}_data_paths"))
+    parts = [p for p in d.split.replace(" ", "").split(",") if p]
+    try:
+        split_weights = [float(p) for p in parts]
+    except ValueError:
+        raise loc.error("split", message=f"{d.split!r} is not comma-separated numbers") from None
+    if not 1 <= len(split_weights) <= 3 or any(w < 0 for w in split_weights) \
+            or sum(split_weights) <= 0:
+        raise loc.error("split", message=f"{d.split!r}: give up to three non-negative weights")
+    if purpose == "train" and not (d.data_path or d.train_data_paths):
+        raise loc.error("data_path", message="training needs data_path or train_data_paths")
+    tok = cfg.tokenizer
+    if tok.tokenizer_type in NEEDS_VOCAB and not tok.vocab_file:
+        raise loc.error("tokenizer_type", message=f"{tok.tokenizer_type} needs vocab_file")
+    if tok.tokenizer_type == "GPT2BPETokenizer" and not tok.merge_file:
+        raise loc.error("tokenizer_type", message=f"{tok.tokenizer_type} needs merge_file")
+    if purpose == "generate" and cfg.textgen.text_gen_type == "input-file" \
+            and not cfg.textgen.sample_input_file:
+        raise loc.error("sample_input_file", "text_gen_type", message=(
+            "required by text_gen_type: input-file"))
+
+
+def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
+    """Raise ConfigError for anything that is wrong wherever the job runs."""
+    _ranges(cfg, loc)
+    _model(cfg, loc)
+    _parallel(cfg, loc)
+    _data(cfg, loc, purpose)
+
+
+def _dataset_files(prefix: str) -> list[str]:
+    return [prefix + ".bin", prefix + ".idx"]
+
+
+def check_machine(cfg: NeoXConfig, loc: Locator, facts: RunFacts) -> list[str]:
+    """Problems with the launch target: errors when launching, warnings in a dry run."""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if cfg.precision.precision == "fp16" and not facts.gpu:
+        problems.append((("precision", "fp16"), "fp16 needs GPUs, and the ranks of this launch "
+                         "are CPU ranks; use bf16 or fp32"))
+    if cfg.optim.optimizer_type == "OneBitAdam" and not facts.gpu:
+        problems.append((("optimizer",), "OneBitAdam needs GPUs (DeepSpeed's 1-bit "
+                         "communication); use Adam or AdamW on CPU ranks"))
+    if facts.purpose == "train":
+        d = cfg.data
+        prefixes: list[tuple[str, str]] = []
+        if d.data_path:
+            prefixes.append(("data_path", d.data_path))
+        for split in ("train", "valid", "test"):
+            for key_name in (f"{split}_data_paths", f"{split}_label_data_paths"):
+                prefixes += [(key_name, p) for p in getattr(d, key_name) or []]
+        for key_name, prefix in prefixes:
+            missing = [f for f in _dataset_files(prefix) if not Path(f).is_file()]
+            if missing:
+                problems.append(((key_name,), f"dataset file {missing[0]} not found"))
+    if facts.purpose in ("train", "generate", "eval"):
+        tok = cfg.tokenizer
+        for key_name in ("vocab_file", "merge_file"):
+            path = getattr(tok, key_name)
+            if path and not Path(path).exists():
+                problems.append(((key_name,), f"file {path} not found"))
+    messages = [str(loc.error(*names, message=msg)) for names, msg in problems]
+    if messages and facts.launching:
+        raise ConfigError(messages[0])
+    return messages

@@ -1,0 +1,150 @@
+"""Config sections for data, tokenizer, logging, text generation/evaluation and the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron.neox_arguments.fields import key
+
+TOKENIZER_TYPES = (
+    "GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer",
+    "TiktokenTokenizer",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    data_path: str | None = key(None, "Prefix of one preprocessed dataset (.bin/.idx) that "
+                                "`split` divides into train/valid/test.", origin="Meg")
+    split: str = key("969, 30, 1", "Train/valid/test proportions of data_path, e.g. "
+                     "'949,50,1'.", origin="Meg")
+    train_data_paths: list[str] | None = key(None, "Dataset prefixes blended for training.")
+    valid_data_paths: list[str] | None = key(None, "Dataset prefixes for validation.")
+    test_data_paths: list[str] | None = key(None, "Dataset prefixes for testing.")
+    train_data_weights: list[float] | None = key(None, "Blending weights of train_data_paths.")
+    valid_data_weights: list[float] | None = key(None, "Blending weights of valid_data_paths.")
+    test_data_weights: list[float] | None = key(None, "Blending weights of test_data_paths.")
+    train_label_data_paths: list[str] | None = key(
+        None, "Label datasets aligned with train_data_paths (-100 masks a position).")
+    valid_label_data_paths: list[str] | None = key(None, "Labels for valid_data_paths.")
+    test_label_data_paths: list[str] | None = key(None, "Labels for test_data_paths.")
+    weight_by_num_documents: bool = key(
+        False, "Derive blending weights from the datasets' document counts.")
+    weighted_sampler_alpha: float = key(
+        1.0, "With weight_by_num_documents: weights proportional to num_docs ** alpha.")
+    data_impl: Literal["infer", "mmap", "cached"] = key(
+        "infer", "Indexed dataset implementation (mmap is the one written by the tools).",
+        origin="Meg")
+    mmap_warmup: bool = key(False, "Read the memory-mapped files once at start.", origin="Meg")
+    num_workers: int = key(2, "Data loader worker processes.", origin="Meg")
+    use_shared_fs: bool = key(
+        True, "The data directory is shared by all nodes: one rank builds the index cache for "
+        "everyone (false: one rank per node).")
+    eod_mask_loss: bool = key(False, "Exclude end-of-document tokens from the loss.",
+                              origin="Meg")
+    reset_position_ids: bool = key(False, "Restart position ids after each end-of-document "
+                                   "token.", origin="Meg")
+    reset_attention_mask: bool = key(
+        False, "Documents packed into one sample do not attend to each other.", origin="Meg")
+    short_seq_prob: float = key(0.1, "Probability of a short sequence (BERT-style data only).",
+                                origin="Meg")
+    pack_impl: Literal["packed"] = key("packed", "How documents fill samples: packed "
+                                       "(concatenated across document boundaries).")
+    dataset_impl: Literal["gpt2"] = key("gpt2", "Dataset type.")
+    allow_chopped: bool = key(True, "Allow the last, partial sample of an epoch.")
+    data_cache_dir: str | None = key(
+        None, "Where the sample-index cache goes; unset: next to the data.", origin="Here")
+
+
+@dataclass(frozen=True)
+class TokenizerArgs:
+    tokenizer_type: Literal[
+        "GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer", "SPMTokenizer",
+        "CharLevelTokenizer", "TiktokenTokenizer",
+    ] = key("GPT2BPETokenizer", "Tokenizer kind.", origin="Meg")  # fmt: skip
+    vocab_file: str | None = key(None, "Vocabulary file (vocab.json, tokenizer.json, a "
+                                 "SentencePiece model or a tiktoken encoding).", origin="Meg")
+    merge_file: str | None = key(None, "BPE merges file (GPT2BPETokenizer).", origin="Meg")
+    padded_vocab_size: int | None = key(
+        None, "Vocabulary size padded to make_vocab_size_divisible_by x model_parallel_size.",
+        derived=True)
+
+
+@dataclass(frozen=True)
+class LoggingArgs:
+    log_dir: str | None = key(None, "Directory for metrics.jsonl and the run log.")
+    tensorboard_dir: str | None = key(None, "Write TensorBoard event files here.")
+    log_interval: int = key(100, "Log training metrics every this many iterations.",
+                            origin="Meg")
+    log_grad_pct_zeros: bool = key(False, "Log the fraction of zero gradients.")
+    log_param_norm: bool = key(False, "Log the parameter norm.")
+    log_grad_norm: bool = key(False, "Log per-parameter gradient norms.")
+    log_optimizer_states: bool = key(False, "Log optimizer state norms.")
+    log_gradient_noise_scale: bool = key(False, "Estimate the gradient noise scale.",
+                                         unsupported="gradient noise scale is not supported")
+    gradient_noise_scale_n_batches: int = key(5, "Batches for the gradient noise scale.")
+    gradient_noise_scale_cpu_offload: bool = key(False, "Keep noise-scale buffers on CPU.")
+    use_wandb: bool = key(False, "Log to Weights & Biases (offline mode works without "
+                          "network: WANDB_MODE=offline).")
+    wandb_project: str = key("neox", "W&B project.")
+    wandb_group: str | None = key(None, "W&B group (a run id is appended).")
+    wandb_team: str | None = key(None, "W&B team/entity.")
+    wandb_host: str = key("https://api.wandb.ai", "W&B server.")
+    wandb_init_all_ranks: bool = key(False, "Start a W&B run on every rank, not only rank 0.")
+    wandb_run_name: str | None = key(None, "W&B run name.")
+    git_hash: str | None = key(None, "Git revision of the code, recorded in logs.")
+    memory_profiling: bool = key(False, "Record a device memory snapshot (GPU).")
+    memory_profiling_path: str | None = key(None, "Where memory snapshots go.")
+    profile: bool = key(False, "Run the PyTorch profiler between profile_step_start and "
+                        "profile_step_stop.")
+    profile_step_start: int = key(10, "First profiled iteration.")
+    profile_step_stop: int = key(12, "Last profiled iteration.")
+    comet_project: str | None = key(None, "Comet project.",
+                                    unsupported="Comet logging is not supported")
+    use_comet: bool = key(False, "Log to Comet.", unsupported="Comet logging is not supported")
+
+
+@dataclass(frozen=True)
+class TextGenArgs:
+    text_gen_type: Literal["unconditional", "input-file", "interactive"] = key(
+        "unconditional", "Generation mode.")
+    temperature: float = key(0.0, "Sampling temperature; 0 is greedy.")
+    top_p: float = key(0.0, "Nucleus sampling threshold (0 disables).")
+    top_k: int = key(0, "Sample from the k most likely tokens (0 disables).")
+    return_logits: bool = key(False, "Also return the logits of generated tokens.")
+    maximum_tokens: int = key(64, "Tokens to generate per sample.")
+    prompt_end: str = key("\n", "Separator between prompts in an input file.")
+    sample_input_file: str | None = key(None, "Prompts, one per line (input-file mode).")
+    sample_output_file: str = key("samples.txt", "Output JSON lines.")
+    num_samples: int = key(1, "Unconditional samples to generate.")
+    recompute: bool = key(False, "Recompute the whole sequence at each step instead of using "
+                          "a KV cache.")
+    eval_results_prefix: str = key("", "Prefix of the evaluation results file.")
+    eval_tasks: list[str] | None = key(None, "lm-evaluation-harness tasks to run.")
+    eval_batch_size: int | None = key(None, "Batch size for evaluation (default micro batch).")
+    eval_num_fewshot: int | None = key(None, "Few-shot examples per task.")
+    eval_limit: int | None = key(None, "Evaluate only this many examples per task.")
+    eval_include_path: str | None = key(None, "Directory with extra lm-evaluation-harness "
+                                        "task definitions (YAML).")
+
+
+@dataclass(frozen=True)
+class OtherArgs:
+    distributed_backend: Literal["nccl", "gloo", "mpi", "ccl"] | None = key(
+        None, "torch.distributed backend; unset: nccl on GPUs, gloo on CPU ranks.",
+        origin="Meg")
+    local_rank: int | None = key(None, "Set by the launcher.", origin="Meg")
+    rank: int | None = key(None, "Set by the launcher.", origin="Meg")
+    lazy_mpu_init: bool = key(False, "Skip distributed init (external frameworks).",
+                              origin="Meg")
+    adlr_autoresume: bool = key(False, "ADLR cluster autoresume.", origin="Meg",
+                                unsupported="ADLR autoresume is not supported; SIGTERM saves "
+                                "a checkpoint instead (save_on_signal)")
+    adlr_autoresume_interval: int = key(1000, "ADLR autoresume check interval.", origin="Meg")
+    deepscale: bool = key(False, "Legacy DeepSpeed flag (ignored).", origin="DSL")
+    deepscale_config: str | None = key(None, "Legacy DeepSpeed flag (ignored).", origin="DSL")
+    deepspeed: bool = key(True, "Always true: training runs through DeepSpeed.", origin="DSL")
+    user_script: str | None = key(None, "The script deepy.py launched.", derived=True)
+    config_files: dict | None = key(None, "The merged config files (name -> text).",
+                                    derived=True)

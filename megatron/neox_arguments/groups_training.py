@@ -1,0 +1,133 @@
+"""Config sections for the optimizer, LR schedule, training loop, checkpoints and precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron.neox_arguments.fields import key
+
+OPTIMIZER_TYPES = (
+    "Adam", "AdamW", "SGD", "Lion", "SM3", "CPU_Adam", "CPU_torch_adam", "OneBitAdam",
+    "madgrad_wd",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OptimizerArgs:
+    optimizer: dict | None = key(
+        None, "Optimizer block: {type: Adam|AdamW|SGD|Lion|SM3|CPU_Adam|CPU_torch_adam|"
+        "OneBitAdam, params: {lr, betas, eps, ...}}. The trainer builds it and hands it to "
+        "DeepSpeed.", origin="DSC")
+    zero_allow_untested_optimizer: bool = key(
+        False, "Allow ZeRO with optimizers DeepSpeed has not tested (SGD, Lion, SM3, ...).",
+        origin="DSC")
+    lr: float | None = key(None, "Peak learning rate; unset takes optimizer.params.lr.")
+    weight_decay: float = key(0.01, "Decoupled weight decay (not applied to biases and norms).",
+                              origin="Meg")
+    use_bnb_optimizer: bool = key(False, "Use bitsandbytes 8-bit optimizers.",
+                                  unsupported="bitsandbytes optimizers are not supported")
+    optimizer_type: str = key("Adam", "The optimizer block's type.", derived=True)
+
+
+@dataclass(frozen=True)
+class LRArgs:
+    lr_decay_style: Literal["constant", "linear", "cosine", "exponential"] = key(
+        "linear", "Learning-rate decay after warmup.", origin="Meg")
+    lr_decay_iters: int | None = key(None, "Iterations to decay over; defaults to train_iters "
+                                     "(times lr_decay_fraction when that is set).", origin="Meg")
+    lr_decay_fraction: float | None = key(
+        None, "Decay over this fraction of train_iters when lr_decay_iters is unset.")
+    min_lr: float = key(0.0, "Floor of the decayed learning rate.", origin="Meg")
+    warmup: float = key(0.01, "Warmup length as a fraction of the decay iterations.",
+                        origin="Meg")
+    override_lr_scheduler: bool = key(
+        False, "Ignore the scheduler state in a loaded checkpoint and use the config's values.",
+        origin="Meg")
+    use_checkpoint_lr_scheduler: bool = key(
+        False, "Take the scheduler's values from the loaded checkpoint instead of the config.",
+        origin="Meg")
+
+
+@dataclass(frozen=True)
+class TrainingArgs:
+    train_iters: int | None = key(None, "Optimizer steps to train for (over all runs).",
+                                  origin="Meg")
+    train_epochs: int | None = key(
+        None, "Train for this many passes over the training data instead of train_iters.")
+    train_batch_size: int | None = key(
+        None, "Global batch size in samples: micro batch x gradient accumulation x data-parallel "
+        "size. Any two of the three determine the third.", origin="DSC")
+    train_micro_batch_size_per_gpu: int | None = key(
+        None, "Samples each rank processes per forward/backward.", origin="DSC")
+    gradient_accumulation_steps: int | None = key(
+        None, "Micro batches accumulated per optimizer step.", origin="DSC")
+    gradient_clipping: float = key(1.0, "Clip the global gradient norm to this (0 disables).",
+                                   origin="DSC")
+    clip_grad: float | None = key(None, "Megatron name of gradient_clipping.", origin="Meg")
+    eval_interval: int = key(1000, "Evaluate on the validation set every this many iterations.",
+                             origin="Meg")
+    eval_iters: int = key(100, "Batches per evaluation.", origin="Meg")
+    exit_interval: int | None = key(None, "Stop (after saving) when the iteration is a multiple "
+                                    "of this.", origin="Meg")
+    seed: int = key(1234, "Seed of python, numpy and torch RNGs and of data shuffling.",
+                    origin="Meg")
+    do_train: bool = key(True, "Run training.")
+    do_valid: bool = key(True, "Evaluate on the validation set.")
+    do_test: bool = key(True, "Evaluate on the test set at the end.")
+    max_consecutive_skipped_iters: int = key(
+        10, "Stop with an error after this many optimizer steps in a row were skipped for a "
+        "non-finite loss or gradient norm (bf16/fp32).", origin="Here")
+    save_on_signal: bool = key(
+        True, "On SIGTERM/SIGINT, save a checkpoint at the next step boundary and exit 0.",
+        origin="Here")
+    peak_theoretical_tflops: float | None = key(
+        None, "Dense peak TFLOP/s of one device for MFU; unset looks the device up in a table.",
+        origin="Here")
+    iteration: int = key(0, "Iteration to start from (set by loading a checkpoint).",
+                         derived=True)
+
+
+@dataclass(frozen=True)
+class CheckpointArgs:
+    save: str | None = key(None, "Directory to save checkpoints to.", origin="Meg")
+    load: str | None = key(None, "Directory to load a checkpoint from.", origin="Meg")
+    save_interval: int | None = key(None, "Save every this many iterations.", origin="Meg")
+    checkpoint_factor: int | None = key(None, "NeoX name for save_interval (with "
+                                        "checkpoint_scale).")
+    checkpoint_scale: Literal["linear", "log"] = key(
+        "linear", "linear: save every checkpoint_factor steps; log: at powers of "
+        "checkpoint_factor.")
+    extra_save_iters: list[int] | None = key(None, "Additional iterations to save at.")
+    keep_last_n_checkpoints: int | None = key(None, "Delete older checkpoints, keeping this "
+                                              "many.")
+    no_save_optim: bool = key(False, "Leave the optimizer state out of checkpoints.",
+                              origin="Meg")
+    no_save_rng: bool = key(False, "Leave RNG states out of checkpoints.", origin="Meg")
+    no_load_optim: bool = key(False, "Do not load the optimizer state.", origin="Meg")
+    no_load_rng: bool = key(False, "Do not load RNG states.", origin="Meg")
+    finetune: bool = key(
+        False, "Load weights only and start at iteration 0 (no optimizer, RNG or scheduler "
+        "state).", origin="Meg")
+    checkpoint_validation_with_forward_pass: bool = key(
+        False, "After saving, reload and check that a forward pass gives the same logits.")
+    s3_path: str | None = key(None, "Upload checkpoints to this S3 path.",
+                              unsupported="S3 upload is not supported")
+
+
+@dataclass(frozen=True)
+class PrecisionArgs:
+    precision: Literal["fp32", "fp16", "bfloat16", "bf16"] | None = key(
+        None, "Training precision. Unset: taken from the fp16/bf16 blocks (fp32 if neither is "
+        "enabled). Resolved to fp32, fp16 or bfloat16.")
+    fp16: dict | None = key(None, "DeepSpeed fp16 block {enabled, loss_scale (0 = dynamic), "
+                            "loss_scale_window, hysteresis, min_loss_scale, initial_scale_power}.",
+                            origin="DSC")
+    bf16: dict | None = key(None, "DeepSpeed bf16 block {enabled}.", origin="DSC")
+    amp: dict | None = key(None, "DeepSpeed apex AMP block.", origin="DSC",
+                           unsupported="apex AMP is not supported; use the fp16 or bf16 block")
+    fp32_allreduce: bool = key(False, "All-reduce gradients in fp32.", origin="Meg")
+    communication_data_type: Literal["fp32", "fp16", "bf16"] | None = key(
+        None, "Data type of gradient communication.", origin="DSC")
+    data_types: dict | None = key(None, "DeepSpeed data_types block (e.g. grad_accum_dtype).",
+                                  origin="DSC")

@@ -1,0 +1,212 @@
+"""Reading YAML/JSON config files and merging them in order, remembering where each key came from."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron.neox_arguments.fields import ConfigError
+from megatron.neox_arguments.schema import canonical_name
+
+CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
+
+
+class _NeoXLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading ``1e-5`` (no dot) as a float like YAML 1.2 does."""
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_NeoXLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+@dataclass(frozen=True)
+class Override:
+    """A key that a later file set again."""
+
+    key: str  # top-level key, or a dotted path inside a DeepSpeed block
+    old_file: str
+    new_file: str
+    old: Any
+    new: Any
+
+    def describe(self) -> str:
+        same = " (same value)" if self.old == self.new else ""
+        return f"{self.key}: {self.old!r} ({self.old_file}) -> {self.new!r} ({self.new_file}){same}"
+
+
+@dataclass(frozen=True)
+class MergedConfig:
+    """The user's config files merged in order (before defaults and validation)."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    overrides: tuple[Override, ...] = ()
+    files: tuple[str, ...] = ()
+    texts: dict[str, str] = field(default_factory=dict)
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, "<defaults>")
+
+    def with_values(self, extra: dict[str, Any], origin: str) -> MergedConfig:
+        """A copy with ``extra`` merged on top (e.g. command-line overrides)."""
+        values, sources, overrides = _merge_into(
+            dict(self.values), dict(self.sources), list(self.overrides), extra, origin
+        )
+        return MergedConfig(values, sources, tuple(overrides), self.files, self.texts)
+
+    # The config travels to the workers on their command line: compressed JSON in base64.
+    def encode(self) -> str:
+        payload = {
+            "values": self.values,
+            "sources": self.sources,
+            "overrides": [o.__dict__ for o in self.overrides],
+            "files": list(self.files),
+        }
+        raw = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        return base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode()
+
+    @classmethod
+    def decode(cls, blob: str) -> MergedConfig:
+        try:
+            payload = json.loads(zlib.decompress(base64.urlsafe_b64decode(blob.encode())))
+        except (ValueError, zlib.error) as exc:
+            raise ConfigError(f"--neox_config: not an encoded config ({exc})") from None
+        return cls(
+            values=payload["values"],
+            sources=payload["sources"],
+            overrides=tuple(Override(**o) for o in payload["overrides"]),
+            files=tuple(payload["files"]),
+        )
+
+    def to_yaml(self) -> str:
+        """The merged configuration as one YAML document (written into checkpoints)."""
+        header = "".join(f"# merged from {f}\n" for f in self.files)
+        return header + yaml.safe_dump(self.values, sort_keys=False, default_flow_style=False)
+
+
+def find_config_file(name: str, conf_dir: str | None = None) -> Path:
+    """Locate a config given on the command line; ``125M`` finds ``configs/125M.yml``."""
+    base = Path(conf_dir) / name if conf_dir else Path(name)
+    candidates = [base] + [Path(str(base) + suffix) for suffix in CONFIG_SUFFIXES]
+    if not conf_dir and not base.is_absolute():
+        candidates += [Path("configs") / name] + [
+            Path("configs") / (name + suffix) for suffix in CONFIG_SUFFIXES
+        ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(f"{name}: config file not found (looked for {', '.join(map(str, candidates))})")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """One file's keys, canonicalised (dashes become underscores)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.load(text, Loader=_NeoXLoader)  # noqa: S506 - a SafeLoader subclass
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for raw_key, value in data.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"{path}: key {raw_key!r} is not a string")
+        name = canonical_name(raw_key)
+        if name in out:
+            raise ConfigError(f"{path}: {name}: set twice (as {spelled[name]!r} and {raw_key!r})")
+        out[name] = value
+        spelled[name] = raw_key
+    return out
+
+
+def _merge_into(
+    values: dict[str, Any],
+    sources: dict[str, str],
+    overrides: list[Override],
+    new: dict[str, Any],
+    origin: str,
+) -> tuple[dict[str, Any], dict[str, str], list[Override]]:
+    for name, value in new.items():
+        if name in values:
+            old_file = sources[name]
+            if isinstance(values[name], dict) and isinstance(value, dict):
+                merged = _deep_merge(values[name], value, name, old_file, origin, overrides)
+                values[name] = merged
+            else:
+                overrides.append(Override(name, old_file, origin, values[name], value))
+                values[name] = value
+        else:
+            values[name] = value
+        sources[name] = origin
+    return values, sources, overrides
+
+
+def _deep_merge(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    path: str,
+    old_file: str,
+    new_file: str,
+    overrides: list[Override],
+) -> dict[str, Any]:
+    out = dict(old)
+    for k, v in new.items():
+        sub = f"{path}.{k}"
+        if k in out and isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = _deep_merge(out[k], v, sub, old_file, new_file, overrides)
+        else:
+            if k in out:
+                overrides.append(Override(sub, old_file, new_file, out[k], v))
+            out[k] = v
+    return out
+
+
+def merge_configs(named: Iterable[tuple[str, dict[str, Any]]]) -> MergedConfig:
+    """Merge (file name, keys) pairs in order: later files win, nested blocks merge by key."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    overrides: list[Override] = []
+    files: list[str] = []
+    for origin, data in named:
+        files.append(origin)
+        values, sources, overrides = _merge_into(values, sources, overrides, data, origin)
+    return MergedConfig(values, sources, tuple(overrides), tuple(files))
+
+
+def load_config_files(names: Sequence[str], conf_dir: str | None = None) -> MergedConfig:
+    """Find, read and merge config files given by path or by name (without ``.yml``)."""
+    if not names:
+        raise ConfigError("no config files given")
+    paths = [find_config_file(n, conf_dir) for n in names]
+    merged = merge_configs((str(p), read_config_file(p)) for p in paths)
+    texts = {str(p): p.read_text() for p in paths}
+    return MergedConfig(merged.values, merged.sources, merged.overrides, merged.files, texts)
