@@ -53,19 +53,27 @@ class ModelShape:
         return attn + mlp
 
 
+def _norm_params(model: ModelArgs, dim: int) -> int:
+    """Parameters of one norm over ``dim`` features (LayerNorm: weight and optional bias,
+    RMSNorm: weight, ScaleNorm: one scalar)."""
+    if model.norm == "scalenorm":
+        return 1
+    if model.norm == "layernorm" and model.use_bias_in_norms:
+        return 2 * dim
+    return dim
+
+
 def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     """Trainable parameters of the model as built (shared layers counted once)."""
     s = ModelShape.from_config(model, padded_vocab)
-    norm = s.hidden * (2 if model.norm == "layernorm" and model.use_bias_in_norms else 1)
-    if model.norm == "scalenorm":
-        norm = 1
+    norm = _norm_params(model, s.hidden)
     per_layer = s.layer_matmul_params()
     if model.use_bias_in_attn_linear:
         per_layer += s.qkv_out + s.hidden
     if model.use_bias_in_mlp:
         per_layer += s.ffn * (2 if s.gated else 1) + s.hidden
-    if model.use_qk_layernorm:
-        per_layer += 2 * (2 * s.head_dim if model.use_bias_in_norms else s.head_dim)
+    if model.use_qk_layernorm:  # one norm over head_dim for the queries, one for the keys
+        per_layer += 2 * _norm_params(model, s.head_dim)
     norms_per_layer = 1 if (model.gpt_j_residual and model.gpt_j_tied) else 2
     per_layer += norms_per_layer * norm
     unique_layers = model.num_unique_layers or s.layers
@@ -82,12 +90,28 @@ def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
 
 
 def flops_per_token(model: ModelArgs, padded_vocab: int, *, recompute: bool = False) -> float:
-    """Training FLOPs (forward + backward, and a second forward when recomputing) per token."""
+    """Training FLOPs per token: forward, backward (twice the forward: gradients with respect
+    to the inputs and to the weights) and, with ``recompute``, one more forward of the
+    transformer layers.
+
+    Multiply-adds count 2 FLOPs. Forward, per token:
+
+    * per layer, QKV projection ``2 * hidden * (heads + 2 * kv_heads) * head_dim`` (grouped-query
+      attention narrows K and V), attention scores ``Q K^T`` and weighted sum ``A V``
+      ``2 * 2 * seq * heads * head_dim`` (the full seq x seq square, no causal discount, as
+      Megatron-LM counts), output projection ``2 * heads * head_dim * hidden``, MLP
+      ``2 * hidden * ffn`` per input matrix (two of them for gated activations) plus
+      ``2 * ffn * hidden`` for the output matrix;
+    * once, the vocabulary projection ``2 * hidden * vocab`` (the embedding lookup is free).
+
+    ``recompute`` (``checkpoint_activations``) adds the forward of every transformer layer
+    again, recomputed during backward; the embedding, final norm and vocabulary projection are
+    not recomputed. Elementwise work (norms, softmax, activations, rotary) is not counted.
+    """
     s = ModelShape.from_config(model, padded_vocab)
-    matmul_params = s.layers * s.layer_matmul_params() + s.vocab * s.hidden  # + output layer
-    forward = 2.0 * matmul_params + s.layers * 4.0 * s.seq * s.heads * s.head_dim
-    backward = 2.0 * forward
-    total = forward + backward
+    layer_forward = 2.0 * s.layer_matmul_params() + 4.0 * s.seq * s.heads * s.head_dim
+    forward = s.layers * layer_forward + 2.0 * s.hidden * s.vocab
+    total = 3.0 * forward
     if recompute:
-        total += forward
+        total += s.layers * layer_forward
     return total

@@ -1,0 +1,1 @@
+"""Training metrics and timing: the metrics logger, named timers and model FLOPs utilization."""

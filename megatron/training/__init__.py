@@ -1,0 +1,1 @@
+"""Training: the loop, its optimizer, learning-rate schedule and runtime controls."""
