@@ -102,9 +102,14 @@ def build_data_loader(
         data_parallel_size=dp_size,
         drop_last=drop_last,
     )
+    # A private generator: creating the loader's iterator draws a worker base seed, which
+    # must not advance the global torch RNG (exact resume depends on that RNG stream).
+    generator = torch.Generator()
+    generator.manual_seed(consumed_samples)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
+        generator=generator,
         num_workers=num_workers,
         collate_fn=collate_samples,
         pin_memory=pin_memory,

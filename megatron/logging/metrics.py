@@ -201,6 +201,11 @@ class MetricsLogger:
         if self._wandb_run is not None and tagged:
             self._wandb_run.log(tagged, step=step)
 
+    def info(self, message: str) -> None:
+        """A plain message (checkpoint saved, stop requested, ...) on the writing rank."""
+        if self.is_writer:
+            self._print(message)
+
     def write_header(self, lines: Iterable[str]) -> None:
         """Run header (config summary, device, peak-FLOPs source) to stdout and run.log."""
         if not self.is_writer:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron.neox_arguments.fields import ConfigError
-from megatron.neox_arguments.groups_model import attention_layer_types
+from megatron.neox_arguments.groups_model import attention_layer_types, mlp_width
 
 if TYPE_CHECKING:
     from megatron.neox_arguments.config import NeoXConfig
@@ -101,10 +101,13 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
             raise loc.error("rotary_pct", message=(
                 f"rotates {rotary_dims} of {head_dim} head dimensions; needs an even number "
                 "of at least 2"))
-    if m.intermediate_size is not None and m.intermediate_size % mp:
-        raise loc.error("intermediate_size", "model_parallel_size", message=(
-            f"intermediate_size {m.intermediate_size} is not divisible by model_parallel_size "
-            f"{mp}"))
+    width = mlp_width(m, m.activation)
+    if width % mp:
+        how = "intermediate_size" if m.intermediate_size is not None else \
+            "the MLP width derived from hidden_size"
+        raise loc.error("intermediate_size", "model_parallel_size", "hidden_size", message=(
+            f"{how} ({width}) is not divisible by model_parallel_size {mp}; set "
+            "intermediate_size or mlp_multiple_of"))
     assert m.num_layers is not None
     if m.num_unique_layers is not None:
         if m.num_layers % m.num_unique_layers:
@@ -212,6 +215,8 @@ def _data(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     if purpose == "train" and not (d.data_path or d.train_data_paths):
         raise loc.error("data_path", message="training needs data_path or train_data_paths")
     tok = cfg.tokenizer
+    if purpose is None:  # a config checked without a job (tools, tests): files may come later
+        return
     if tok.tokenizer_type in NEEDS_VOCAB and not tok.vocab_file:
         raise loc.error("tokenizer_type", message=f"{tok.tokenizer_type} needs vocab_file")
     if tok.tokenizer_type == "GPT2BPETokenizer" and not tok.merge_file:

@@ -84,6 +84,9 @@ class TrainingArgs:
     peak_theoretical_tflops: float | None = key(
         None, "Dense peak TFLOP/s of one device for MFU; unset looks the device up in a table.",
         origin="Here")
+    inject_nonfinite_loss_iters: list[int] | None = key(
+        None, "Fault injection for testing the skip path: rank 0's loss becomes NaN at these "
+        "iterations.", origin="Here")
     iteration: int = key(0, "Iteration to start from (set by loading a checkpoint).",
                          derived=True)
 

@@ -145,6 +145,30 @@ def allreduce_sequence_parallel_grads(module: nn.Module, state: ParallelState) -
         offset += g.numel()
 
 
+def register_sequence_parallel_grad_hooks(module: nn.Module, state: ParallelState) -> int:
+    """Sum each sequence-parallel parameter's gradient over the tensor-parallel group as
+    backward produces it (before it is accumulated into ``.grad``).
+
+    DeepSpeed's bf16 and ZeRO optimizers consume gradients during ``backward`` (into fp32
+    buffers or reduce buckets), so a reduction after backward would come too late there; a
+    tensor hook runs before any of that. Returns the number of hooked parameters."""
+    if state.tp_size == 1:
+        return 0
+    group = state.tp_group
+    count = 0
+    for p in module.parameters():
+        if getattr(p, "sequence_parallel", False) and p.requires_grad:
+
+            def reduce(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.contiguous().clone()
+                dist.all_reduce(grad, group=group)
+                return grad
+
+            p.register_hook(reduce)
+            count += 1
+    return count
+
+
 def _master_weight(shape: tuple[int, ...], init_method: InitMethod) -> torch.Tensor:
     master = torch.empty(shape, dtype=torch.float32, device="cpu")
     with torch.no_grad():

@@ -250,3 +250,18 @@ def test_error_names_the_file_that_set_the_key():
                             ("override.yml", {"hidden_size": 66})])
     with pytest.raises(ConfigError, match=r"^override.yml: hidden_size: hidden_size 66"):
         resolve_config(merged, RunFacts(launching=False))
+
+
+def test_mlp_width_divisible_by_model_parallel():
+    msg = err(activation="swiglu", hidden_size=32, num_attention_heads=4, model_parallel_size=2,
+              world_size=2)
+    assert "the MLP width derived from hidden_size (85) is not divisible by model_parallel_size 2" in msg
+    assert make_cfg(activation="swiglu", hidden_size=32, mlp_multiple_of=2,
+                    model_parallel_size=2, world_size=2)
+    assert "intermediate_size (90) is not divisible" in err(
+        intermediate_size=90, model_parallel_size=4, world_size=4)
+
+
+def test_tokenizer_files_are_only_required_for_a_job():
+    cfg = make_cfg(purpose=None, tokenizer_type="GPT2BPETokenizer", data_path=None)
+    assert cfg.tokenizer.vocab_file is None

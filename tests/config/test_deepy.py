@@ -105,7 +105,7 @@ def test_invalid_config_exits_2_with_one_line_and_no_traceback(tmp_path):
 
 def test_launch_errors_are_checked_before_anything_starts(capsys, monkeypatch):
     # not a dry run: the fp16 config on CPU ranks is an error, and nothing is executed
-    monkeypatch.setattr("os.execvpe", lambda *a: pytest.fail("must not launch"))
+    monkeypatch.setattr(deepy, "supervise", lambda *a: pytest.fail("must not launch"))
     code, out, err = run_deepy(["train.py", "configs/125M.yml", "configs/local_setup.yml"],
                                capsys, monkeypatch)
     assert code == 2

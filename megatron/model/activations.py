@@ -1,0 +1,59 @@
+"""MLP activations.
+
+Plain: ``gelu`` (exact, erf-based; ``openai_gelu`` selects the tanh approximation), ``relu``,
+``silu`` / ``swish``, ``mish``, ``softsign``.
+
+Gated (Shazeer, "GLU Variants Improve Transformer"): the up projection produces two halves
+``[gate; up]`` and the MLP computes ``act(gate) * up`` with ``act`` = GeLU (``geglu``), SiLU
+(``swiglu``), ReLU (``reglu``), identity (``bilinear``) or sigmoid (``glu``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megatron.neox_arguments.groups_model import GATED_ACTIVATIONS
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _gelu(approximate: bool) -> Activation:
+    mode = "tanh" if approximate else "none"
+
+    def gelu(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=mode)
+
+    return gelu
+
+
+def is_gated(activation: str) -> bool:
+    return activation in GATED_ACTIVATIONS
+
+
+def activation_function(activation: str, *, openai_gelu: bool = False) -> Activation:
+    """The elementwise function of ``activation``; for gated activations, the function
+    applied to the gate half."""
+    gelu = _gelu(openai_gelu)
+    table: dict[str, Activation] = {
+        "gelu": gelu,
+        "relu": F.relu,
+        "silu": F.silu,
+        "swish": F.silu,
+        "mish": F.mish,
+        "softsign": F.softsign,
+        "geglu": gelu,
+        "swiglu": F.silu,
+        "reglu": F.relu,
+        "bilinear": _identity,
+        "glu": torch.sigmoid,
+    }
+    if activation not in table:
+        raise ValueError(f"unknown activation {activation!r}")
+    return table[activation]

@@ -1,0 +1,304 @@
+"""The GPT model (no pipeline engine), its loss, and incremental decoding with a KV cache.
+
+::
+
+    model = GPTModel(cfg.model, cfg.act_ckpt, padded_vocab_size=V, state=state, tracker=tracker)
+    logits = model(tokens)                          # [b, s, V / tp], sharded on the vocabulary
+    loss = lm_loss(logits, labels, loss_mask, state)
+    full = gather_logits(logits, state)             # [b, s, V]
+
+    cache = model.new_kv_cache(batch_size=b)        # incremental decoding
+    logits = model(prompt, kv_cache=cache)          # prefill
+    logits = model(next_token[:, None], kv_cache=cache)
+
+Inside, activations are ``[seq, batch, hidden]``. See ``docs/model.md`` for every option.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megatron.model.attention import AttentionInputs
+from megatron.model.embedding import Embedding, parallel_logits
+from megatron.model.init_methods import model_init_methods
+from megatron.model.norms import build_norm, mark_sequence_parallel
+from megatron.model.positional import RelativePositionBias, RotaryEmbedding
+from megatron.model.transformer import TransformerLayer
+from megatron.neox_arguments.groups_model import (
+    ActivationCheckpointArgs,
+    ModelArgs,
+    attention_layer_types,
+)
+from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.parallel.layers import ColumnParallelLinear
+from megatron.parallel.mappings import gather_from_tp_region
+from megatron.parallel.random import RNGStatesTracker, checkpoint
+from megatron.parallel.state import ParallelState
+
+
+# ---------------------------------------------------------------------------- checks
+def check_model_args(model: ModelArgs, state: ParallelState) -> None:
+    """Raise ``ValueError`` for shapes the model cannot build (resolved configs pass)."""
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
+        if getattr(model, name) is None:
+            raise ValueError(f"{name} must be set (resolve the config first)")
+    assert model.hidden_size and model.num_attention_heads and model.num_layers
+    heads, kv = model.num_attention_heads, model.num_kv_heads or model.num_attention_heads
+    if model.hidden_size % heads or heads % kv or kv % state.tp_size:
+        raise ValueError(
+            f"hidden_size {model.hidden_size}, heads {heads}, kv heads {kv} and tensor parallel "
+            f"{state.tp_size} must divide each other"
+        )
+    if model.num_unique_layers is not None and model.num_layers % model.num_unique_layers:
+        raise ValueError("num_layers must be a multiple of num_unique_layers")
+
+
+def rotary_embedding(model: ModelArgs) -> RotaryEmbedding | None:
+    """The shared rotary tables of a ``pos_emb: rotary`` model (None otherwise)."""
+    if model.pos_emb != "rotary":
+        return None
+    assert model.hidden_size and model.num_attention_heads and model.max_position_embeddings
+    head_dim = model.hidden_size // model.num_attention_heads
+    return RotaryEmbedding(
+        int(head_dim * model.rotary_pct), base=model.rotary_emb_base,
+        max_positions=model.max_position_embeddings,
+        save_inv_freq=model.rotary_save_freqs_buffer,
+    )  # fmt: skip
+
+
+def layer_plan(model: ModelArgs) -> list[int]:
+    """Index of the unique layer used at each depth: ``grouped`` AABB, ``spaced`` ABAB."""
+    assert model.num_layers is not None
+    unique = model.num_unique_layers or model.num_layers
+    if model.param_sharing_style == "spaced":
+        return [i % unique for i in range(model.num_layers)]
+    repeat = model.num_layers // unique
+    return [i // repeat for i in range(model.num_layers)]
+
+
+def plain_causal_to_none(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """None when ``attention_mask`` is the plain causal mask shared by the batch
+    (``[1, 1, s, s]``, True above the diagonal), so attention can use its causal kernel;
+    otherwise the mask itself."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.bool()
+    if attention_mask.shape[0] != 1 or tuple(attention_mask.shape[-2:]) != (seq_len, seq_len):
+        return attention_mask
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).triu(1)
+    return None if torch.equal(attention_mask.reshape(seq_len, seq_len), causal) else attention_mask
+
+
+# -------------------------------------------------------------------------- kv cache
+@dataclass
+class KVCache:
+    """Keys and values of every layer: ``[b, local kv heads, max_length, head_dim]`` each.
+
+    ``length`` tokens are cached; the model appends the new ones and advances it after every
+    forward with the cache. Reuse for a new batch with :meth:`reset`.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+    max_length: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.max_length = self.keys[0].shape[2] if self.keys else 0
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[index], self.values[index]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# ----------------------------------------------------------------------------- model
+class GPTModel(nn.Module):
+    """Decoder-only transformer language model over tensor-parallel shards.
+
+    ``forward(tokens [b, s], position_ids [b, s] | None, attention_mask | None, *, kv_cache)``
+    returns logits ``[b, s, padded_vocab / tp]`` (this rank's vocabulary shard; possibly a
+    non-contiguous view). ``attention_mask`` is None (plain causal) or bool ``[b or 1, 1, s, s]``
+    with True = masked out; the plain causal mask is recognised and runs the causal kernel.
+    ``sequence_parallel`` None takes ``state.sequence_parallel``; it only acts with TP > 1.
+    """
+
+    def __init__(
+        self,
+        model: ModelArgs,
+        act_ckpt: ActivationCheckpointArgs,
+        *,
+        padded_vocab_size: int,
+        state: ParallelState,
+        tracker: RNGStatesTracker | None = None,
+        sequence_parallel: bool | None = None,
+    ) -> None:
+        super().__init__()
+        check_model_args(model, state)
+        assert model.num_layers is not None and model.hidden_size is not None
+        sp = state.sequence_parallel if sequence_parallel is None else sequence_parallel
+        sp = sp and state.tp_size > 1
+        needs_tracker = state.tp_size > 1 and (
+            model.attention_dropout > 0 or (sp and model.hidden_dropout > 0)
+        )
+        if needs_tracker and tracker is None:
+            raise ValueError("dropout under tensor parallelism needs an RNGStatesTracker")
+        self.model_args = model
+        self.state = state
+        self.tracker = tracker
+        self.sequence_parallel = sp
+        self.padded_vocab_size = padded_vocab_size
+        self.checkpoint_num_layers = (
+            act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
+        )
+        init, output_init = model_init_methods(model)
+
+        self.embed = Embedding(
+            model, padded_vocab_size=padded_vocab_size, state=state, tracker=tracker,
+            sequence_parallel=sp, init_method=init,
+        )  # fmt: skip
+        self.rpe = (
+            RelativePositionBias(
+                num_buckets=model.rpe_num_buckets, max_distance=model.rpe_max_distance,
+                num_heads=model.num_attention_heads or 0, state=state, init_method=init,
+            )  # fmt: skip
+            if model.pos_emb == "rpe"
+            else None
+        )
+        rotary = rotary_embedding(model)
+        self.plan = layer_plan(model)
+        self.attention_types = attention_layer_types(model.attention_config, model.num_layers)
+        self.layers = nn.ModuleList(
+            TransformerLayer(
+                model, state=state, tracker=tracker, sequence_parallel=sp, init_method=init,
+                output_init_method=output_init, rotary=rotary,
+            )  # fmt: skip
+            for _ in range(max(self.plan) + 1)
+        )
+        self.final_norm = build_norm(model, model.hidden_size)
+        if sp:
+            mark_sequence_parallel(self.final_norm)
+        self.output_layer: ColumnParallelLinear | None = None
+        if model.no_weight_tying:
+            self.output_layer = ColumnParallelLinear(
+                model.hidden_size, padded_vocab_size, state=state, bias=False,
+                init_method=init, sequence_parallel_input=sp,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """This rank's ``[V / tp, h]`` output weight (the word embedding when tied)."""
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        return self.embed.word_embeddings.weight
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_length: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """Empty cache for ``batch_size`` sequences of up to ``max_length`` tokens
+        (default ``max_position_embeddings``), in the parameters' dtype and device."""
+        param = self.embed.word_embeddings.weight
+        attn = self.layers[0].attention
+        shape = (batch_size, attn.local_kv_heads,
+                 max_length or self.model_args.max_position_embeddings, attn.head_dim)
+        kwargs = {"dtype": dtype or param.dtype, "device": device or param.device}
+        depth = len(self.plan)
+        return KVCache([torch.zeros(shape, **kwargs) for _ in range(depth)],
+                       [torch.zeros(shape, **kwargs) for _ in range(depth)])
+
+    def _run_layers(
+        self,
+        x: torch.Tensor,
+        inputs: AttentionInputs,
+        depths: Sequence[int],
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        for depth in depths:
+            x = self.layers[self.plan[depth]](
+                x, inputs, layer_number=depth + 1, attention_type=self.attention_types[depth],
+                kv=kv_cache.layer(depth) if kv_cache is not None else None,
+            )  # fmt: skip
+        return x
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        b, s = tokens.shape
+        start = 0
+        if kv_cache is not None:
+            if self.sequence_parallel:
+                raise ValueError("the KV cache needs sequence_parallel off")
+            start = kv_cache.length
+            if start + s > kv_cache.max_length:
+                raise ValueError(f"KV cache holds {kv_cache.max_length} tokens, "
+                                 f"{start} cached + {s} new do not fit")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + s, device=tokens.device).expand(b, s)
+        if start == 0:
+            attention_mask = plain_causal_to_none(attention_mask, s)
+        x = self.embed(tokens, position_ids)
+        bias = self.rpe(s, start + s, start) if self.rpe is not None else None
+        inputs = AttentionInputs(position_ids, attention_mask, bias, start)
+
+        depths = range(len(self.plan))
+        chunk = self.checkpoint_num_layers
+        if chunk > 0 and kv_cache is None and self.training and torch.is_grad_enabled():
+            for first in range(0, len(depths), chunk):
+                run = functools.partial(self._run_layers, inputs=inputs,
+                                        depths=depths[first : first + chunk])
+                x = checkpoint(run, self.tracker, x)
+        else:
+            x = self._run_layers(x, inputs, depths, kv_cache)
+
+        x = self.final_norm(x)
+        logits = parallel_logits(x, self.output_weight, self.state,
+                                 sequence_parallel=self.sequence_parallel)
+        if kv_cache is not None:
+            kv_cache.length = start + s
+        return logits.transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------ loss
+def lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    state: ParallelState,
+    fp32: bool = True,
+) -> torch.Tensor:
+    """Mean cross entropy over the tokens where ``loss_mask`` is non-zero (fp32 scalar).
+
+    ``logits [b, s, V / tp]`` vocabulary-sharded, ``labels [b, s]`` token ids. ``fp32=False``
+    (``fp16_lm_cross_entropy``) feeds the half-precision logits to the loss without an fp32
+    copy; the vocab-parallel loss accumulates in fp32 either way.
+    """
+    if fp32:
+        logits = logits.float()
+    losses = vocab_parallel_cross_entropy(logits, labels, state)
+    mask = loss_mask.reshape(losses.shape).to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def gather_logits(logits: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Full-vocabulary logits ``[b, s, V]`` from every tensor-parallel rank's shard
+    (collective; differentiable)."""
+    return gather_from_tp_region(logits.contiguous(), state.tp_group)

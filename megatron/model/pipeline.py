@@ -1,0 +1,406 @@
+"""The GPT model as a DeepSpeed ``PipelineModule``, built from the same blocks as
+:class:`~megatron.model.gpt.GPTModel`.
+
+Layer specs, in order::
+
+    EmbeddingPipe                      (TiedLayerSpec "embed" when the output layer is tied)
+    [RelativePositionBiasPipe]         (TiedLayerSpec "rpe", before every layer, pos_emb: rpe)
+    TransformerLayerPipe x num_layers
+    NormPipe
+    OutputLayerPipe                    (or TiedLayerSpec "embed" computing the logits)
+
+The first stage receives ``(tokens, position_ids, attention_mask)`` (all tensors; the mask as
+the data pipeline builds it) and the loss ``(labels, loss_mask)``. Between layers the activations
+travel as ``(hidden [s, b, h], position_ids, mask)`` where ``mask`` is empty (``numel() == 0``)
+for plain causal attention; the last transformer layer hands on the hidden state alone. The
+type-based default partition ``type:transformer|mlp`` balances the ``TransformerLayerPipe``
+entries. With tied embeddings DeepSpeed keeps one copy of the word embedding on the first and the
+last stage and sums their gradients (a last stage builds it without the position embeddings);
+the T5 bias table is tied the same way across stages.
+
+Sequence parallelism: :class:`GPTPipelineModule` adds the sequence-parallel parameters (norms,
+row-parallel biases) to the gradients DeepSpeed all-reduces after the last micro-batch, each over
+the tensor-parallel group, so no trainer hook is needed.
+
+:func:`pipeline_to_model_state_dict` / :func:`model_to_pipeline_state_dict` translate between the
+pipeline's state-dict names (``tied_modules.embed.*``, ``<spec index>.*``) and the plain model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime import utils as ds_utils
+from torch import nn
+
+from megatron.model.attention import AttentionInputs
+from megatron.model.embedding import Embedding, parallel_logits
+from megatron.model.gpt import check_model_args, lm_loss, plain_causal_to_none, rotary_embedding
+from megatron.model.init_methods import model_init_methods
+from megatron.model.norms import build_norm, mark_sequence_parallel
+from megatron.model.positional import RelativePositionBias
+from megatron.model.transformer import TransformerLayer
+from megatron.neox_arguments.groups_model import (
+    ActivationCheckpointArgs,
+    ModelArgs,
+    ParallelismArgs,
+    attention_layer_types,
+)
+from megatron.parallel.layers import ColumnParallelLinear
+from megatron.parallel.random import RNGStatesTracker, checkpoint
+from megatron.parallel.state import ParallelState
+
+Activations = tuple[torch.Tensor, ...]
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------- stage layers
+class EmbeddingPipe(Embedding):
+    """``(tokens, position_ids, attention_mask) -> (hidden, position_ids, mask)``."""
+
+    def __init__(self, model: ModelArgs, *, state: ParallelState, **kwargs: Any) -> None:
+        super().__init__(model, state=state, **kwargs)
+        self.parallel_state = state
+
+    def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
+        tokens, position_ids, attention_mask = inputs
+        mask = plain_causal_to_none(attention_mask, tokens.shape[1])
+        if mask is None:
+            mask = torch.zeros(0, dtype=torch.bool, device=tokens.device)
+        return super().forward(tokens, position_ids), position_ids, mask
+
+
+def tied_output_logits(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    """The tied output layer: ``hidden [s, b, h]`` -> logits ``[b, s, V / tp]``."""
+    logits = parallel_logits(hidden, embedding.word_embeddings.weight, embedding.parallel_state,
+                             sequence_parallel=embedding.sequence_parallel)
+    return logits.transpose(0, 1)
+
+
+class RelativePositionBiasPipe(RelativePositionBias):
+    """Appends the T5 bias ``[1, local heads, s, s]`` for the next transformer layer."""
+
+    def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
+        hidden, position_ids, mask = inputs[:3]
+        s = position_ids.shape[1]
+        return hidden, position_ids, mask, super().forward(s, s, 0)
+
+
+class TransformerLayerPipe(TransformerLayer):
+    """One transformer layer at a fixed depth (the regex default ``transformer`` matches it)."""
+
+    def __init__(
+        self, model: ModelArgs, *, layer_number: int, attention_type: str, last: bool,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(model, **kwargs)
+        self.layer_number = layer_number
+        self.attention_type = attention_type
+        self.last = last
+
+    def forward(self, inputs: Activations) -> Activations | torch.Tensor:  # type: ignore[override]
+        hidden, position_ids, mask = inputs[:3]
+        bias = inputs[3] if len(inputs) > 3 else None
+        attn_inputs = AttentionInputs(position_ids, mask if mask.numel() else None, bias)
+        out = super().forward(hidden, attn_inputs, layer_number=self.layer_number,
+                              attention_type=self.attention_type)
+        return out if self.last else (out, position_ids, mask)
+
+
+class NormPipe(nn.Module):
+    """The final norm (state-dict name ``norm.*`` inside the stage)."""
+
+    def __init__(self, model: ModelArgs, *, sequence_parallel: bool) -> None:
+        super().__init__()
+        assert model.hidden_size is not None
+        self.norm = build_norm(model, model.hidden_size)
+        if sequence_parallel:
+            mark_sequence_parallel(self.norm)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
+class OutputLayerPipe(ColumnParallelLinear):
+    """The untied output layer: ``[s, b, h] -> [b, s, V / tp]``."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden).transpose(0, 1)
+
+
+# ------------------------------------------------------------------------ the module
+@dataclass(frozen=True)
+class PipelineLMLoss:
+    """``loss_fn(logits, (labels, loss_mask))`` for the pipeline engine: :func:`lm_loss`."""
+
+    state: ParallelState
+    fp32: bool = True
+
+    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        targets, loss_mask = labels
+        return lm_loss(logits, targets, loss_mask, self.state, fp32=self.fp32)
+
+
+class TrackedCheckpoint:
+    """``activation_checkpoint_func`` replaying the tracker's dropout streams on recompute."""
+
+    def __init__(self, tracker: RNGStatesTracker | None) -> None:
+        self.tracker = tracker
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
+        return checkpoint(function, self.tracker, *args)
+
+
+class GPTPipelineModule(PipelineModule):
+    """``PipelineModule`` that also all-reduces sequence-parallel gradients over the
+    tensor-parallel group where DeepSpeed reduces the tied weights' gradients."""
+
+    def __init__(self, layers: list[Any], *, state: ParallelState, **kwargs: Any) -> None:
+        super().__init__(layers=layers, **kwargs)
+        self.parallel_state = state
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        # DeepSpeed's own partitioning plus one rule: a T5 bias entry stays on its layer's stage
+        self.parts = partition_pipeline_layers(self._layer_specs, method, self.num_stages)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        if self.global_rank == 0:
+            for s in range(self.num_stages):
+                first, stop = self.parts[s], self.parts[s + 1]
+                names = [spec.typename.__name__ for spec in self._layer_specs[first:stop]]
+                logger.info("pipeline stage %d: specs %d-%d %s", s, first, stop - 1, names)
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def get_tied_weights_and_groups(self) -> list[tuple[torch.Tensor, Any]]:
+        pairs = list(super().get_tied_weights_and_groups())
+        if self.parallel_state.tp_size > 1:
+            group = self.parallel_state.tp_group
+            pairs += [
+                (p, group) for p in self.parameters() if getattr(p, "sequence_parallel", False)
+            ]
+        return pairs
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class PipeEntry:
+    """One layer spec: ``kind`` in embed | rpe | layer | final_norm | output."""
+
+    kind: str
+    layer: int = -1  # depth of a transformer layer
+    tied: bool = False
+
+
+def pipeline_layout(model: ModelArgs) -> list[PipeEntry]:
+    """The pipeline's layer specs, in order (see the module docstring)."""
+    assert model.num_layers is not None
+    tied = not model.no_weight_tying
+    entries = [PipeEntry("embed", tied=tied)]
+    for depth in range(model.num_layers):
+        if model.pos_emb == "rpe":
+            entries.append(PipeEntry("rpe", tied=True))
+        entries.append(PipeEntry("layer", depth))
+    entries += [PipeEntry("final_norm"), PipeEntry("output", tied=tied)]
+    return entries
+
+
+def pipeline_layer_specs(
+    model: ModelArgs,
+    *,
+    padded_vocab_size: int,
+    state: ParallelState,
+    tracker: RNGStatesTracker | None,
+    sequence_parallel: bool = False,
+) -> list[LayerSpec]:
+    """DeepSpeed layer specs of the GPT model (built lazily, stage by stage)."""
+    check_model_args(model, state)
+    if model.num_unique_layers is not None:
+        raise ValueError("num_unique_layers (shared layers) needs pipe_parallel_size: 0")
+    assert model.num_layers is not None and model.hidden_size is not None
+    init, output_init = model_init_methods(model)
+    sp = sequence_parallel and state.tp_size > 1
+    rotary = rotary_embedding(model)
+    kinds = attention_layer_types(model.attention_config, model.num_layers)
+    common = {"state": state, "tracker": tracker, "sequence_parallel": sp}
+
+    def embedding_spec(**extra: Any) -> LayerSpec:
+        args = {"padded_vocab_size": padded_vocab_size, "init_method": init, **common}
+        if model.no_weight_tying:
+            return LayerSpec(EmbeddingPipe, model, **args)
+        return TiedLayerSpec("embed", EmbeddingPipe, model,
+                             tied_weight_attr=["word_embeddings.weight"], **extra, **args)
+
+    def layer_spec(depth: int) -> LayerSpec:
+        return LayerSpec(
+            TransformerLayerPipe, model, layer_number=depth + 1, attention_type=kinds[depth],
+            last=depth == model.num_layers - 1, init_method=init, output_init_method=output_init,
+            rotary=rotary, **common,
+        )  # fmt: skip
+
+    specs: list[LayerSpec] = []
+    for entry in pipeline_layout(model):
+        if entry.kind == "embed":
+            specs.append(embedding_spec())
+        elif entry.kind == "rpe":
+            specs.append(TiedLayerSpec(
+                "rpe", RelativePositionBiasPipe, num_buckets=model.rpe_num_buckets,
+                max_distance=model.rpe_max_distance, num_heads=model.num_attention_heads,
+                state=state, init_method=init, tied_weight_attr=["relative_attention_bias.weight"],
+            ))  # fmt: skip
+        elif entry.kind == "layer":
+            specs.append(layer_spec(entry.layer))
+        elif entry.kind == "final_norm":
+            specs.append(LayerSpec(NormPipe, model, sequence_parallel=sp))
+        elif entry.tied:
+            specs.append(embedding_spec(forward_fn=tied_output_logits, word_only=True))
+        else:
+            specs.append(LayerSpec(
+                OutputLayerPipe, model.hidden_size, padded_vocab_size, state=state, bias=False,
+                init_method=init, sequence_parallel_input=sp,
+            ))  # fmt: skip
+    return specs
+
+
+def partition_pipeline_layers(specs: list[LayerSpec], method: str, num_stages: int) -> list[int]:
+    """Stage boundaries ``parts`` (stage ``i`` owns specs ``parts[i]:parts[i+1]``): DeepSpeed's
+    ``parameters`` (balance trainable parameters; builds every spec to count it, as DeepSpeed
+    does), ``uniform`` (balance spec counts) or ``type:regex`` (balance the specs whose class
+    name matches), then a T5 bias entry is kept on its layer's stage.
+    :class:`GPTPipelineModule` partitions with this function."""
+    method = method.lower()
+    if method == "uniform":
+        parts = ds_utils.partition_uniform(num_items=len(specs), num_parts=num_stages)
+        return _keep_bias_with_layer(list(parts), specs)
+    if method == "parameters":
+        weights = [
+            sum(p.numel() for p in spec.build().parameters() if p.requires_grad) for spec in specs
+        ]
+    elif method.startswith("type:"):
+        pattern = re.compile(method.split(":")[1], re.IGNORECASE)
+        weights = [1 if pattern.search(spec.typename.__name__) else 0 for spec in specs]
+        if not any(weights):
+            raise ValueError(f"partition method {method!r} matches no layer")
+    else:
+        raise ValueError(f"unknown partition method {method!r}")
+    return _keep_bias_with_layer(
+        list(ds_utils.partition_balanced(weights=weights, num_parts=num_stages)), specs
+    )
+
+
+def _keep_bias_with_layer(parts: list[int], specs: list[LayerSpec]) -> list[int]:
+    """Move every stage boundary that falls right after a T5 bias entry one entry earlier, so
+    the bias is computed on the stage of the layer using it (and never sent between stages)."""
+    parts = list(parts)
+    for i in range(1, len(parts) - 1):
+        if 0 < parts[i] <= len(specs) and specs[parts[i] - 1].typename is RelativePositionBiasPipe:
+            parts[i] -= 1
+    if any(b <= a for a, b in zip(parts, parts[1:])):
+        raise ValueError(f"too few layers for {len(parts) - 1} pipeline stages: {parts}")
+    return parts
+
+
+def build_pipeline_model(
+    model: ModelArgs,
+    act_ckpt: ActivationCheckpointArgs,
+    parallelism: ParallelismArgs,
+    *,
+    padded_vocab_size: int,
+    state: ParallelState,
+    tracker: RNGStatesTracker | None,
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    sequence_parallel: bool | None = None,
+) -> GPTPipelineModule:
+    """The GPT model as a :class:`GPTPipelineModule` over ``state``'s pipeline stages.
+
+    Needs ``torch.distributed`` and ``deepspeed.comm`` initialized. ``loss_fn`` defaults to
+    :class:`PipelineLMLoss` (fp32 unless ``fp16_lm_cross_entropy``); ``sequence_parallel`` None
+    takes ``state.sequence_parallel``.
+    """
+    stages = max(parallelism.pipe_parallel_size, 1)
+    if stages != state.pp_size:
+        raise ValueError(f"pipe_parallel_size {parallelism.pipe_parallel_size} but the parallel "
+                         f"state has {state.pp_size} pipeline stages")
+    sp = state.sequence_parallel if sequence_parallel is None else sequence_parallel
+    specs = pipeline_layer_specs(model, padded_vocab_size=padded_vocab_size, state=state,
+                                 tracker=tracker, sequence_parallel=sp)
+    interval = act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
+    return GPTPipelineModule(
+        specs, state=state, topology=state.topology.to_deepspeed(),
+        loss_fn=loss_fn or PipelineLMLoss(state, fp32=not model.fp16_lm_cross_entropy),
+        partition_method=parallelism.pipe_partition_method,
+        activation_checkpoint_interval=interval,
+        activation_checkpoint_func=TrackedCheckpoint(tracker),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ names
+def _prefix_table(model: ModelArgs) -> list[tuple[str, str]]:
+    """``(pipeline prefix, model prefix)`` pairs, longest pipeline prefixes first."""
+    table: list[tuple[str, str]] = []
+    for index, entry in enumerate(pipeline_layout(model)):
+        if entry.kind == "embed":
+            table.append((f"{index}.", "embed."))
+            if entry.tied:
+                table.append(("tied_modules.embed.", "embed."))
+        elif entry.kind == "rpe":
+            table += [(f"{index}.", "rpe."), ("tied_modules.rpe.", "rpe.")]
+        elif entry.kind == "layer":
+            table.append((f"{index}.", f"layers.{entry.layer}."))
+        elif entry.kind == "final_norm":
+            table.append((f"{index}.norm.", "final_norm."))
+        elif entry.tied:
+            table.append((f"{index}.", "embed."))
+        else:
+            table.append((f"{index}.", "output_layer."))
+    return sorted(set(table), key=lambda pair: -len(pair[0]))
+
+
+def pipeline_key_to_model_key(key: str, model: ModelArgs) -> str:
+    """The plain model's name of pipeline state-dict entry ``key``."""
+    for pipe_prefix, model_prefix in _prefix_table(model):
+        if key.startswith(pipe_prefix):
+            return model_prefix + key[len(pipe_prefix) :]
+    raise KeyError(f"{key!r} is not a state-dict name of the GPT pipeline")
+
+
+def pipeline_to_model_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: ModelArgs
+) -> dict[str, torch.Tensor]:
+    """Rename a pipeline state dict (one stage's or the union of all stages') to
+    :class:`~megatron.model.gpt.GPTModel` names. Copies of tied weights collapse into one."""
+    return {pipeline_key_to_model_key(k, model): v for k, v in state_dict.items()}
+
+
+def model_to_pipeline_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: ModelArgs
+) -> dict[str, torch.Tensor]:
+    """Every pipeline name (all stages, both copies of tied weights) for a
+    :class:`~megatron.model.gpt.GPTModel` state dict, using the ``tied_modules.*`` names for tied
+    entries. Load one stage with :func:`load_model_state_dict_into_pipeline`."""
+    out: dict[str, torch.Tensor] = {}
+    tied_prefixes = {"embed.": not model.no_weight_tying, "rpe.": True}
+    for pipe_prefix, model_prefix in _prefix_table(model):
+        if tied_prefixes.get(model_prefix) and not pipe_prefix.startswith("tied_modules."):
+            continue
+        for key, value in state_dict.items():
+            if key.startswith(model_prefix):
+                out[pipe_prefix + key[len(model_prefix) :]] = value
+    return out
+
+
+def load_model_state_dict_into_pipeline(
+    pipe: PipelineModule, state_dict: Mapping[str, torch.Tensor], model: ModelArgs
+) -> None:
+    """Load a :class:`~megatron.model.gpt.GPTModel` state dict into this rank's stage (strict:
+    every entry of the stage must be present)."""
+    renamed = model_to_pipeline_state_dict(state_dict, model)
+    own = pipe.state_dict()
+    missing = [k for k in own if k not in renamed]
+    if missing:
+        raise KeyError(f"model state dict lacks {missing[:5]}")
+    pipe.load_state_dict({k: renamed[k] for k in own}, strict=True)
