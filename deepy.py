@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,8 +106,55 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.update(plan.env)
     print("deepy.py: " + shlex.join(plan.argv[:8]) + " ...", file=sys.stderr, flush=True)
-    os.execvpe(plan.argv[0], plan.argv, env)
-    return 0  # not reached
+    return supervise(plan.argv, env, args.user_script)
+
+
+def _worker_processes(launcher_pid: int, user_script: str) -> list:
+    import psutil
+
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    script = os.path.basename(user_script)
+    found = []
+    for child in children:
+        try:
+            if any(os.path.basename(part) == script for part in child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def supervise(argv: list[str], env: dict[str, str], user_script: str) -> int:
+    """Run the launcher and pass its exit status on.
+
+    SIGTERM/SIGINT sent to deepy.py go to the local ranks (which save a checkpoint at the next
+    step boundary and exit 0), not to DeepSpeed's launcher, which would treat its own
+    termination as a failure. Where no local rank is found (ranks on other nodes), the
+    launcher gets the signal and forwards it as it does.
+    """
+    proc = subprocess.Popen(argv, env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        workers = _worker_processes(proc.pid, user_script)
+        targets = workers or [proc]
+        for target in targets:
+            try:
+                target.send_signal(signal.SIGTERM)
+            except (ProcessLookupError, OSError):
+                pass
+            except Exception:  # psutil.NoSuchProcess and friends
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # pragma: no cover - handler above replaces the default
+            continue
 
 
 if __name__ == "__main__":

@@ -1,2 +1,13 @@
-import sys
-sys.exit("the training loop is not built yet")
+#!/usr/bin/env python
+"""Train a GPT model. Launch through deepy.py:
+
+    python deepy.py train.py configs/125M.yml configs/local_setup.yml
+
+or, for one process without the launcher, ``python train.py configs/tiny_neox.yml ...``.
+"""
+
+from megatron.training.loop import train
+from megatron.training.runtime import run_main
+
+if __name__ == "__main__":
+    run_main(train)

@@ -1,0 +1,278 @@
+"""Saving and resuming training: atomic checkpoints with everything exact resume needs.
+
+Layout of ``<save>/``::
+
+    latest                         the tag of the newest complete checkpoint
+    global_step100/                one checkpoint (DeepSpeed's model/optimizer files, plus:)
+        rng/rank_00000.pt          per-rank RNG states (python, numpy, torch, device, tracker)
+        configs/merged.yml         the merged configuration of the run (and the original files)
+        manifest.json              written last: every file with its size
+
+``latest`` advances only after every rank finished writing and ``manifest.json`` is complete,
+so a run killed during a save resumes from the previous checkpoint. Loading checks the
+manifest first, so a damaged checkpoint is a one-line error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron import accelerator
+
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded, reported as one line naming the file."""
+
+
+def tag_for(iteration: int) -> str:
+    return f"global_step{iteration}"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def rng_state(tracker: Any | None) -> dict[str, Any]:
+    """This rank's RNG states: python, numpy, torch CPU, device and the model-parallel tracker."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "device": accelerator.device_rng_state(),
+        "tracker": tracker.get_states() if tracker is not None else None,
+    }
+
+
+def set_rng_state(states: dict[str, Any], tracker: Any | None) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    accelerator.set_device_rng_state(states.get("device"))
+    if tracker is not None and states.get("tracker") is not None:
+        tracker.set_states(states["tracker"])
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def write_manifest(tag_dir: Path, iteration: int) -> None:
+    files = {}
+    for path in sorted(tag_dir.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[str(path.relative_to(tag_dir))] = path.stat().st_size
+    _atomic_write(tag_dir / MANIFEST, json.dumps({"iteration": iteration, "files": files},
+                                                 indent=1))
+
+
+def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
+    """Check that every file the manifest lists is present and whole."""
+    manifest_path = tag_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{tag_dir}: incomplete checkpoint (no {MANIFEST}); the save that "
+                              "wrote it did not finish")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    for rel, size in files.items():
+        path = tag_dir / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{path}: damaged ({actual} bytes, the manifest says {size})")
+    return manifest
+
+
+def read_latest(load_dir: Path) -> str | None:
+    path = load_dir / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not tag:
+        raise CheckpointError(f"{path}: empty")
+    return tag
+
+
+def complete_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for path in save_dir.iterdir() if save_dir.is_dir() else []:
+        match = TAG_PATTERN.match(path.name)
+        if match and path.is_dir() and (path / MANIFEST).is_file():
+            out.append((int(match.group(1)), path))
+    return sorted(out)
+
+
+def prune_checkpoints(save_dir: Path, keep_last: int | None, protect: str | None) -> list[Path]:
+    """Delete old complete checkpoints beyond ``keep_last`` and incomplete leftovers."""
+    removed: list[Path] = []
+    for path in save_dir.iterdir() if save_dir.is_dir() else []:
+        if TAG_PATTERN.match(path.name) and path.is_dir() and not (path / MANIFEST).is_file() \
+                and path.name != protect:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if keep_last is not None:
+        complete = complete_checkpoints(save_dir)
+        for _, path in complete[: max(0, len(complete) - keep_last)]:
+            if path.name != protect:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    save_dir: str
+    keep_last_n: int | None = None
+    save_optimizer: bool = True
+    save_rng: bool = True
+
+
+def save_checkpoint(
+    engine: Any,
+    options: SaveOptions,
+    *,
+    iteration: int,
+    client_state: dict[str, Any],
+    tracker: Any | None,
+    config_files: dict[str, str],
+) -> Path:
+    """Save through the DeepSpeed engine, then make the checkpoint visible atomically."""
+    save_dir = Path(options.save_dir)
+    tag = tag_for(iteration)
+    tag_dir = save_dir / tag
+    rank = _rank()
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # a leftover of an interrupted save, or an older run
+            shutil.rmtree(tag_dir)
+    _barrier()
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    if options.save_rng:
+        rng_dir = tag_dir / "rng"
+        rng_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(tracker), rng_dir / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        cfg_dir = tag_dir / "configs"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in config_files.items():
+            (cfg_dir / name).write_text(text)
+    _barrier()
+    if rank == 0:
+        if not options.save_optimizer:
+            _strip_optimizer_state(tag_dir)
+        write_manifest(tag_dir, iteration)
+        _atomic_write(save_dir / LATEST, tag)
+        prune_checkpoints(save_dir, options.keep_last_n, protect=tag)
+    _barrier()
+    return tag_dir
+
+
+def _strip_optimizer_state(tag_dir: Path) -> None:
+    """``no_save_optim``: drop the optimizer state DeepSpeed wrote (ZeRO shards and the
+    ``optimizer`` entry of the model-state files). Runs on rank 0 once every rank has written."""
+    for path in tag_dir.glob("*optim_states.pt"):
+        path.unlink(missing_ok=True)
+    for path in tag_dir.glob("*model_states.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and state.get("optimizer") is not None:
+            state["optimizer"] = None
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    load_dir: str
+    load_optimizer: bool = True
+    load_rng: bool = True
+    finetune: bool = False
+
+
+@dataclass(frozen=True)
+class Loaded:
+    iteration: int
+    client_state: dict[str, Any]
+    tag_dir: Path
+
+
+def load_checkpoint(
+    engine: Any,
+    options: LoadOptions,
+    *,
+    tracker: Any | None,
+    log: Callable[[str], None] = print,
+) -> Loaded | None:
+    """Load the newest complete checkpoint of ``load_dir``; None when there is none."""
+    load_dir = Path(options.load_dir)
+    tag = read_latest(load_dir)
+    if tag is None:
+        log(f"no checkpoint in {load_dir} (no '{LATEST}' file): starting from scratch")
+        return None
+    tag_dir = load_dir / tag
+    manifest = verify_checkpoint(tag_dir)
+    module_only = options.finetune
+    try:
+        path, client_state = engine.load_checkpoint(
+            str(load_dir), tag=tag,
+            load_optimizer_states=options.load_optimizer and not module_only,
+            load_lr_scheduler_states=False, load_module_only=module_only,
+        )
+    except Exception as exc:  # torch.load / DeepSpeed errors on damaged files
+        raise CheckpointError(f"{tag_dir}: cannot load ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if path is None:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed found no model states to load")
+    client_state = dict(client_state or {})
+    if options.load_rng and not module_only:
+        rng_file = tag_dir / "rng" / f"rank_{_rank():05d}.pt"
+        if rng_file.is_file():
+            try:
+                states = torch.load(rng_file, map_location="cpu", weights_only=False)
+            except Exception as exc:
+                raise CheckpointError(f"{rng_file}: cannot load ({exc})") from None
+            set_rng_state(states, tracker)
+        else:
+            log(f"warning: {rng_file} not found (different world size?); RNG states not restored")
+    iteration = 0 if module_only else int(client_state.get("iteration", manifest["iteration"]))
+    log(f"loaded checkpoint {tag_dir} (iteration {iteration})")
+    return Loaded(iteration, client_state, tag_dir)

@@ -1,0 +1,140 @@
+"""Tokenizer, datasets and loaders for training, wired from the config sections."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron.data.data_utils import build_train_valid_test_datasets, get_train_valid_test_split_
+from megatron.data.indexed_dataset import make_dataset
+from megatron.data.masks import prepare_lm_batch
+from megatron.data.samplers import build_data_loader
+from megatron.neox_arguments import ConfigError, NeoXConfig
+from megatron.parallel.state import ParallelState
+from megatron.tokenizer import build_tokenizer
+
+
+def tokenizer_from_config(cfg: NeoXConfig) -> Any:
+    tok = cfg.tokenizer
+    try:
+        return build_tokenizer(tok.tokenizer_type, vocab_file=tok.vocab_file,
+                               merge_file=tok.merge_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tokenizer_type {tok.tokenizer_type}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SampleBudget:
+    """How many samples each split must provide, and the resulting iteration count."""
+
+    train_iters: int
+    train: int
+    valid: int
+    test: int
+
+
+def _tokens_in_train_split(cfg: NeoXConfig) -> int:
+    d = cfg.data
+    if d.train_data_paths:
+        return sum(int(make_dataset(p).sizes.sum()) for p in d.train_data_paths)
+    assert d.data_path is not None
+    ds = make_dataset(d.data_path)
+    bounds = get_train_valid_test_split_(d.split, len(ds))
+    return int(ds.sizes[bounds[0]:bounds[1]].sum())
+
+
+def sample_budget(cfg: NeoXConfig) -> SampleBudget:
+    t = cfg.training
+    global_batch = t.train_batch_size
+    assert global_batch is not None and cfg.model.seq_length is not None
+    if t.train_iters is not None:
+        train_iters = t.train_iters
+    else:
+        assert t.train_epochs is not None
+        per_epoch = max(0, (_tokens_in_train_split(cfg) - 1) // cfg.model.seq_length)
+        train_iters = per_epoch * t.train_epochs // global_batch
+        if train_iters < 1:
+            raise ConfigError(f"train_epochs: {t.train_epochs} epochs of {per_epoch} samples "
+                              f"make no full batch of {global_batch}")
+    evals = train_iters // t.eval_interval + 1 if t.do_valid else 0
+    return SampleBudget(
+        train_iters=train_iters,
+        train=train_iters * global_batch,
+        valid=evals * t.eval_iters * global_batch,
+        test=t.eval_iters * global_batch if t.do_test else 0,
+    )
+
+
+def build_datasets(cfg: NeoXConfig, budget: SampleBudget) -> tuple[Any, Any, Any]:
+    assert cfg.model.seq_length is not None
+    try:
+        return build_train_valid_test_datasets(
+            cfg.data, seq_length=cfg.model.seq_length, seed=cfg.training.seed,
+            train_val_test_num_samples=[budget.train, budget.valid, budget.test],
+            cache_dir=cfg.data.data_cache_dir,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data: {exc}") from None
+
+
+def loader(dataset: Any, cfg: NeoXConfig, state: ParallelState, consumed: int) -> Any:
+    if dataset is None:
+        return None
+    micro = cfg.training.train_micro_batch_size_per_gpu
+    assert micro is not None
+    if consumed >= len(dataset):
+        consumed = consumed % len(dataset)
+    return build_data_loader(dataset, consumed, micro, state.dp_rank, state.dp_size,
+                             num_workers=cfg.data.num_workers)
+
+
+def cycle_from(dataset: Any, cfg: NeoXConfig, state: ParallelState,
+               consumed: int) -> Iterator[dict[str, torch.Tensor]] | None:
+    """An endless iterator over micro batches: restarts from the first sample when the split
+    is exhausted (evaluation sets that are smaller than all evaluations together)."""
+    if dataset is None:
+        return None
+
+    def gen() -> Iterator[dict[str, torch.Tensor]]:
+        start = consumed
+        while True:
+            yield from loader(dataset, cfg, state, start)
+            start = 0
+
+    return gen()
+
+
+@dataclass(frozen=True)
+class LMBatch:
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    attention_mask: torch.Tensor | None  # None: plain causal attention
+    position_ids: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+
+def lm_batch(raw: dict[str, torch.Tensor], cfg: NeoXConfig, eod: int,
+             device: torch.device) -> LMBatch:
+    d = cfg.data
+    tokens, labels, loss_mask, mask, positions = prepare_lm_batch(
+        raw, eod, reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
+    return LMBatch(
+        tokens=tokens.to(device, non_blocking=True),
+        labels=labels.to(device, non_blocking=True),
+        loss_mask=loss_mask.to(device, non_blocking=True),
+        attention_mask=mask.to(device) if d.reset_attention_mask else None,
+        position_ids=positions.to(device, non_blocking=True),
+    )
+
+
+def take(iterator: Iterator[Any], n: int) -> list[Any]:
+    return list(itertools.islice(iterator, n))

@@ -1,0 +1,204 @@
+"""Model, optimizer, LR schedule and the DeepSpeed engine, built in one visible order.
+
+1. the model (plain ``GPTModel`` or the pipeline module) from the config sections;
+2. parameter groups (no weight decay on biases and norms) and the optimizer;
+3. the LR schedule (stepped by the loop after every applied update);
+4. ``deepspeed.initialize`` with the DeepSpeed dict built from the config and, for the plain
+   model, the parallel state as ``mpu``;
+5. the step guard wrapped around the optimizer's update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron.logging.timers import Timers
+from megatron.model import build_model, lm_loss
+from megatron.model.pipeline import PipelineLMLoss
+from megatron.neox_arguments import ConfigError, NeoXConfig, build_deepspeed_config
+from megatron.parallel.layers import (
+    param_is_not_tp_duplicate,
+    register_sequence_parallel_grad_hooks,
+)
+from megatron.parallel.state import ParallelState
+from megatron.training.control import StepGuard
+from megatron.training.data_setup import LMBatch
+from megatron.training.lr_schedule import AnnealingLR, build_lr_scheduler
+from megatron.training.optimizers import (
+    build_optimizer,
+    check_zero_compat,
+    param_groups,
+    uses_deepspeed_optimizer,
+)
+from megatron.training.runtime import Runtime
+
+
+class GuardedPipelineLoss:
+    """The pipeline engine's loss function: the LM loss, reported to the step guard (and
+    made non-finite on request, to exercise the skip path)."""
+
+    def __init__(self, base: PipelineLMLoss, guard: StepGuard):
+        self.base = base
+        self.guard = guard
+        self.inject = False
+
+    def __call__(self, logits: torch.Tensor, labels: Any) -> torch.Tensor:
+        loss = self.base(logits, labels)
+        if self.inject:
+            loss = loss * float("nan")
+        self.guard.note_loss(loss)
+        return loss
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], state: ParallelState) -> float | None:
+    """L2 norm of the gradients held on the parameters, over all tensor and pipeline ranks:
+    tensor-parallel copies and the pipeline's second copy of a tied weight count once.
+    None when the gradients are not on the parameters (ZeRO keeps them in its partitions)."""
+    grads = [p.grad for p in params
+             if p.grad is not None and param_is_not_tp_duplicate(p, state)
+             and not getattr(p, "ds_pipe_replicated", False)]
+    if not grads:
+        return None
+    local = torch.stack(torch._foreach_norm([g.float() for g in grads])).pow(2).sum()
+    group = state.model_group
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(local, group=group)
+    return float(local.sqrt())
+
+
+class PipelineClipper:
+    """Gradient clipping for the pipeline engine in fp32 without ZeRO.
+
+    DeepSpeed's fp32 clipping counts the parameters that are replicated across tensor ranks
+    only on "model-parallel rank 0" of its pipeline grid, i.e. only on the first stage, which
+    understates the norm. DeepSpeed's own clipping is switched off there and this clips with
+    the norm over all stages instead, just before the update."""
+
+    def __init__(self, module: torch.nn.Module, state: ParallelState, max_norm: float):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.state = state
+        self.max_norm = max_norm
+        self.last_norm: float | None = None
+
+    def __call__(self) -> float | None:
+        norm = global_grad_norm(self.params, self.state)
+        self.last_norm = norm
+        if norm is None or not math.isfinite(norm):
+            return norm
+        coef = self.max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, coef)
+        return norm
+
+
+@dataclass
+class Engine:
+    ds: Any  # deepspeed DeepSpeedEngine or PipelineEngine
+    optimizer: torch.optim.Optimizer
+    scheduler: AnnealingLR
+    guard: StepGuard
+    state: ParallelState
+    cfg: NeoXConfig
+    is_pipeline: bool
+    loss_hook: GuardedPipelineLoss | None = None
+    timers: Timers = field(default_factory=Timers)
+    clipper: PipelineClipper | None = None
+    _grad_norm: float | None = None
+
+    @property
+    def inject_here(self) -> bool:
+        """The rank whose loss the fault injection corrupts (one that computes the loss)."""
+        if self.is_pipeline:
+            return self.state.is_pipeline_last_stage() and self.state.dp_rank == 0 \
+                and self.state.tp_rank == 0
+        return self.state.rank == 0
+
+    def forward_loss(self, batch: LMBatch) -> torch.Tensor:
+        logits = self.ds(batch.tokens, position_ids=batch.position_ids,
+                         attention_mask=batch.attention_mask)
+        return lm_loss(logits, batch.labels, batch.loss_mask, self.state,
+                       fp32=not self.cfg.model.fp16_lm_cross_entropy)
+
+    def pipeline_inputs(self, batches: Iterator[LMBatch]) -> Iterator[tuple]:
+        for b in batches:
+            mask = b.attention_mask if b.attention_mask is not None else \
+                torch.zeros(0, dtype=torch.bool, device=b.tokens.device)
+            yield (b.tokens, b.position_ids, mask), (b.labels, b.loss_mask)
+
+    def before_step(self, measure_norm: bool) -> None:
+        """At the accumulation boundary, after the last backward and before the update."""
+        self._grad_norm = global_grad_norm(self.ds.module.parameters(), self.state) \
+            if measure_norm else None
+
+    def grad_norm(self) -> float | None:
+        if self.clipper is not None and self.clipper.last_norm is not None:
+            return self.clipper.last_norm
+        if self._grad_norm is not None:
+            return self._grad_norm
+        norm = self.ds.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            norm = float(norm)
+        return None if norm is None or (isinstance(norm, float) and math.isnan(norm)) else norm
+
+    def loss_scale(self) -> float | None:
+        if self.cfg.precision.precision != "fp16":
+            return None
+        scale = getattr(self.ds.optimizer, "cur_scale", None)
+        return float(scale) if scale is not None else None
+
+    def dp_mean(self, value: float) -> float:
+        group = self.state.dp_group
+        if group is None or torch.distributed.get_world_size(group) == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor, group=group)
+        return float(tensor) / torch.distributed.get_world_size(group)
+
+
+def build_engine(cfg: NeoXConfig, rt: Runtime, train_iters: int) -> Engine:
+    import deepspeed
+
+    assert cfg.tokenizer.padded_vocab_size is not None
+    if uses_deepspeed_optimizer(cfg.optim):
+        raise ConfigError(f"optimizer: {cfg.optim.optimizer_type} is not available here "
+                          "(DeepSpeed builds it on GPUs with NCCL only)")
+    guard = StepGuard(cfg.training.max_consecutive_skipped_iters)
+    is_pipeline = cfg.parallelism.is_pipe_parallel
+    loss_hook = None
+    if is_pipeline:
+        loss_hook = GuardedPipelineLoss(
+            PipelineLMLoss(rt.state, fp32=not cfg.model.fp16_lm_cross_entropy), guard)
+    model = build_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
+                        padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
+                        tracker=rt.tracker, loss_fn=loss_hook)
+    model.to(rt.device)
+    if not is_pipeline and rt.state.sequence_parallel:
+        register_sequence_parallel_grad_hooks(model, rt.state)
+    zero_stage = int((cfg.ds.zero_optimization or {}).get("stage", 0))
+    try:
+        built = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay))
+        check_zero_compat(cfg.optim, zero_stage, built.optimizer)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    optimizer = built.optimizer
+    scheduler = build_lr_scheduler(optimizer, cfg.lr, cfg.optim, train_iters)
+    ds_config = build_deepspeed_config(cfg)
+    clipper = None
+    if is_pipeline and zero_stage == 0 and cfg.precision.precision == "fp32" \
+            and cfg.training.gradient_clipping > 0:
+        clipper = PipelineClipper(model, rt.state, cfg.training.gradient_clipping)
+        ds_config["gradient_clipping"] = 0.0
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        mpu=None if is_pipeline else rt.state, dist_init_required=False,
+    )
+    guard.install(optimizer, engine.optimizer, pre_update=clipper)
+    return Engine(ds=engine, optimizer=optimizer, scheduler=scheduler, guard=guard,
+                  state=rt.state, cfg=cfg, is_pipeline=is_pipeline, loss_hook=loss_hook,
+                  timers=Timers(), clipper=clipper)
