@@ -120,7 +120,9 @@ def _worker_processes(launcher_pid: int, user_script: str) -> list:
     found = []
     for child in children:
         try:
-            if any(os.path.basename(part) == script for part in child.cmdline()):
+            cmdline = child.cmdline()
+            is_launcher = any(part.startswith("deepspeed.launcher") for part in cmdline)
+            if not is_launcher and any(os.path.basename(p) == script for p in cmdline):
                 found.append(child)
         except psutil.Error:
             continue

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,7 @@ def save_checkpoint(
     client_state: dict[str, Any],
     tracker: Any | None,
     config_files: dict[str, str],
+    kill_before_complete: bool = False,
 ) -> Path:
     """Save through the DeepSpeed engine, then make the checkpoint visible atomically."""
     save_dir = Path(options.save_dir)
@@ -195,6 +197,8 @@ def save_checkpoint(
         cfg_dir.mkdir(parents=True, exist_ok=True)
         for name, text in config_files.items():
             (cfg_dir / name).write_text(text)
+        if kill_before_complete:  # fault injection: die as a crash mid-save would
+            os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
     if rank == 0:
         if not options.save_optimizer:

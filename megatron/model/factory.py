@@ -27,16 +27,19 @@ def build_model(
     state: ParallelState,
     tracker: RNGStatesTracker | None,
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    init_seed: int | None = None,
 ) -> GPTModel | GPTPipelineModule:
     """``pipe_parallel_size: 0`` -> :class:`GPTModel`; 1 or more -> the DeepSpeed pipeline
     module (:func:`build_pipeline_model`). Sequence parallelism follows
-    ``parallelism.sequence_parallel`` (effective with ``model_parallel_size > 1``)."""
+    ``parallelism.sequence_parallel`` (effective with ``model_parallel_size > 1``).
+    ``init_seed`` seeds each block so both forms start from the same weights."""
     if parallelism.pipe_parallel_size == 0:
         return GPTModel(
             model, act_ckpt, padded_vocab_size=padded_vocab_size, state=state, tracker=tracker,
-            sequence_parallel=parallelism.sequence_parallel,
+            sequence_parallel=parallelism.sequence_parallel, init_seed=init_seed,
         )  # fmt: skip
     return build_pipeline_model(
         model, act_ckpt, parallelism, padded_vocab_size=padded_vocab_size, state=state,
         tracker=tracker, loss_fn=loss_fn, sequence_parallel=parallelism.sequence_parallel,
+        init_seed=init_seed,
     )  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from torch import nn
 from megatron.model.attention import AttentionInputs
 from megatron.model.embedding import Embedding, parallel_logits
 from megatron.model.init_methods import model_init_methods
+from megatron.model.layout import first_index, preserved_rng, seeded_init
 from megatron.model.norms import build_norm, mark_sequence_parallel
 from megatron.model.positional import RelativePositionBias, RotaryEmbedding
 from megatron.model.transformer import TransformerLayer
@@ -139,6 +141,7 @@ class GPTModel(nn.Module):
         state: ParallelState,
         tracker: RNGStatesTracker | None = None,
         sequence_parallel: bool | None = None,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         check_model_args(model, state)
@@ -159,38 +162,46 @@ class GPTModel(nn.Module):
             act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
         )
         init, output_init = model_init_methods(model)
-
-        self.embed = Embedding(
-            model, padded_vocab_size=padded_vocab_size, state=state, tracker=tracker,
-            sequence_parallel=sp, init_method=init,
-        )  # fmt: skip
-        self.rpe = (
-            RelativePositionBias(
-                num_buckets=model.rpe_num_buckets, max_distance=model.rpe_max_distance,
-                num_heads=model.num_attention_heads or 0, state=state, init_method=init,
-            )  # fmt: skip
-            if model.pos_emb == "rpe"
-            else None
-        )
-        rotary = rotary_embedding(model)
         self.plan = layer_plan(model)
         self.attention_types = attention_layer_types(model.attention_config, model.num_layers)
-        self.layers = nn.ModuleList(
-            TransformerLayer(
-                model, state=state, tracker=tracker, sequence_parallel=sp, init_method=init,
-                output_init_method=output_init, rotary=rotary,
-            )  # fmt: skip
-            for _ in range(max(self.plan) + 1)
-        )
-        self.final_norm = build_norm(model, model.hidden_size)
-        if sp:
-            mark_sequence_parallel(self.final_norm)
-        self.output_layer: ColumnParallelLinear | None = None
-        if model.no_weight_tying:
-            self.output_layer = ColumnParallelLinear(
-                model.hidden_size, padded_vocab_size, state=state, bias=False,
-                init_method=init, sequence_parallel_input=sp,
-            )  # fmt: skip
+
+        def seed(kind: str, layer: int = -1) -> Any:
+            return seeded_init(None if init_seed is None
+                               else init_seed + first_index(model, kind, layer))
+
+        with preserved_rng(init_seed is not None):
+            with seed("embed"):
+                self.embed = Embedding(
+                    model, padded_vocab_size=padded_vocab_size, state=state, tracker=tracker,
+                    sequence_parallel=sp, init_method=init,
+                )  # fmt: skip
+            self.rpe = None
+            if model.pos_emb == "rpe":
+                with seed("rpe"):
+                    self.rpe = RelativePositionBias(
+                        num_buckets=model.rpe_num_buckets, max_distance=model.rpe_max_distance,
+                        num_heads=model.num_attention_heads or 0, state=state, init_method=init,
+                    )  # fmt: skip
+            rotary = rotary_embedding(model)
+            layers = []
+            for unique in range(max(self.plan) + 1):
+                with seed("layer", self.plan.index(unique)):
+                    layers.append(TransformerLayer(
+                        model, state=state, tracker=tracker, sequence_parallel=sp,
+                        init_method=init, output_init_method=output_init, rotary=rotary,
+                    ))  # fmt: skip
+            self.layers = nn.ModuleList(layers)
+            with seed("final_norm"):
+                self.final_norm = build_norm(model, model.hidden_size)
+            if sp:
+                mark_sequence_parallel(self.final_norm)
+            self.output_layer: ColumnParallelLinear | None = None
+            if model.no_weight_tying:
+                with seed("output"):
+                    self.output_layer = ColumnParallelLinear(
+                        model.hidden_size, padded_vocab_size, state=state, bias=False,
+                        init_method=init, sequence_parallel_input=sp,
+                    )  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
     @property

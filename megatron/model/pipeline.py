@@ -43,6 +43,7 @@ from megatron.model.attention import AttentionInputs
 from megatron.model.embedding import Embedding, parallel_logits
 from megatron.model.gpt import check_model_args, lm_loss, plain_causal_to_none, rotary_embedding
 from megatron.model.init_methods import model_init_methods
+from megatron.model.layout import pipeline_layout, preserved_rng
 from megatron.model.norms import build_norm, mark_sequence_parallel
 from megatron.model.positional import RelativePositionBias
 from megatron.model.transformer import TransformerLayer
@@ -187,26 +188,25 @@ class GPTPipelineModule(PipelineModule):
 
 
 # ----------------------------------------------------------------------------- layout
-@dataclass(frozen=True)
-class PipeEntry:
-    """One layer spec: ``kind`` in embed | rpe | layer | final_norm | output."""
+class _SeededBuild:
+    """Layer spec mixin: build under ``torch.manual_seed(init_seed)`` when it is set (see
+    :mod:`megatron.model.layout`). DeepSpeed's own ``seed_layers`` also reseeds every forward
+    pass from a counter a resumed run does not restore, so it is not used."""
 
-    kind: str
-    layer: int = -1  # depth of a transformer layer
-    tied: bool = False
+    init_seed: int | None = None
+
+    def build(self, log: bool = False) -> nn.Module:
+        if self.init_seed is not None:
+            torch.manual_seed(self.init_seed)
+        return super().build(log=log)  # type: ignore[misc]
 
 
-def pipeline_layout(model: ModelArgs) -> list[PipeEntry]:
-    """The pipeline's layer specs, in order (see the module docstring)."""
-    assert model.num_layers is not None
-    tied = not model.no_weight_tying
-    entries = [PipeEntry("embed", tied=tied)]
-    for depth in range(model.num_layers):
-        if model.pos_emb == "rpe":
-            entries.append(PipeEntry("rpe", tied=True))
-        entries.append(PipeEntry("layer", depth))
-    entries += [PipeEntry("final_norm"), PipeEntry("output", tied=tied)]
-    return entries
+class SeededLayerSpec(_SeededBuild, LayerSpec):
+    pass
+
+
+class SeededTiedLayerSpec(_SeededBuild, TiedLayerSpec):
+    pass
 
 
 def pipeline_layer_specs(
@@ -216,8 +216,10 @@ def pipeline_layer_specs(
     state: ParallelState,
     tracker: RNGStatesTracker | None,
     sequence_parallel: bool = False,
+    init_seed: int | None = None,
 ) -> list[LayerSpec]:
-    """DeepSpeed layer specs of the GPT model (built lazily, stage by stage)."""
+    """DeepSpeed layer specs of the GPT model (built lazily, stage by stage); with
+    ``init_seed``, spec ``i`` is built after ``torch.manual_seed(init_seed + i)``."""
     check_model_args(model, state)
     if model.num_unique_layers is not None:
         raise ValueError("num_unique_layers (shared layers) needs pipe_parallel_size: 0")
@@ -231,12 +233,12 @@ def pipeline_layer_specs(
     def embedding_spec(**extra: Any) -> LayerSpec:
         args = {"padded_vocab_size": padded_vocab_size, "init_method": init, **common}
         if model.no_weight_tying:
-            return LayerSpec(EmbeddingPipe, model, **args)
-        return TiedLayerSpec("embed", EmbeddingPipe, model,
+            return SeededLayerSpec(EmbeddingPipe, model, **args)
+        return SeededTiedLayerSpec("embed", EmbeddingPipe, model,
                              tied_weight_attr=["word_embeddings.weight"], **extra, **args)
 
     def layer_spec(depth: int) -> LayerSpec:
-        return LayerSpec(
+        return SeededLayerSpec(
             TransformerLayerPipe, model, layer_number=depth + 1, attention_type=kinds[depth],
             last=depth == model.num_layers - 1, init_method=init, output_init_method=output_init,
             rotary=rotary, **common,
@@ -247,7 +249,7 @@ def pipeline_layer_specs(
         if entry.kind == "embed":
             specs.append(embedding_spec())
         elif entry.kind == "rpe":
-            specs.append(TiedLayerSpec(
+            specs.append(SeededTiedLayerSpec(
                 "rpe", RelativePositionBiasPipe, num_buckets=model.rpe_num_buckets,
                 max_distance=model.rpe_max_distance, num_heads=model.num_attention_heads,
                 state=state, init_method=init, tied_weight_attr=["relative_attention_bias.weight"],
@@ -255,14 +257,17 @@ def pipeline_layer_specs(
         elif entry.kind == "layer":
             specs.append(layer_spec(entry.layer))
         elif entry.kind == "final_norm":
-            specs.append(LayerSpec(NormPipe, model, sequence_parallel=sp))
+            specs.append(SeededLayerSpec(NormPipe, model, sequence_parallel=sp))
         elif entry.tied:
             specs.append(embedding_spec(forward_fn=tied_output_logits, word_only=True))
         else:
-            specs.append(LayerSpec(
+            specs.append(SeededLayerSpec(
                 OutputLayerPipe, model.hidden_size, padded_vocab_size, state=state, bias=False,
                 init_method=init, sequence_parallel_input=sp,
             ))  # fmt: skip
+    if init_seed is not None:
+        for index, spec in enumerate(specs):
+            spec.init_seed = init_seed + index
     return specs
 
 
@@ -314,12 +319,14 @@ def build_pipeline_model(
     tracker: RNGStatesTracker | None,
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
     sequence_parallel: bool | None = None,
+    init_seed: int | None = None,
 ) -> GPTPipelineModule:
     """The GPT model as a :class:`GPTPipelineModule` over ``state``'s pipeline stages.
 
     Needs ``torch.distributed`` and ``deepspeed.comm`` initialized. ``loss_fn`` defaults to
     :class:`PipelineLMLoss` (fp32 unless ``fp16_lm_cross_entropy``); ``sequence_parallel`` None
-    takes ``state.sequence_parallel``.
+    takes ``state.sequence_parallel``; ``init_seed`` seeds each block (see
+    :mod:`megatron.model.layout`) so the weights equal the plain model's from the same seed.
     """
     stages = max(parallelism.pipe_parallel_size, 1)
     if stages != state.pp_size:
@@ -327,15 +334,16 @@ def build_pipeline_model(
                          f"state has {state.pp_size} pipeline stages")
     sp = state.sequence_parallel if sequence_parallel is None else sequence_parallel
     specs = pipeline_layer_specs(model, padded_vocab_size=padded_vocab_size, state=state,
-                                 tracker=tracker, sequence_parallel=sp)
+                                 tracker=tracker, sequence_parallel=sp, init_seed=init_seed)
     interval = act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
-    return GPTPipelineModule(
-        specs, state=state, topology=state.topology.to_deepspeed(),
-        loss_fn=loss_fn or PipelineLMLoss(state, fp32=not model.fp16_lm_cross_entropy),
-        partition_method=parallelism.pipe_partition_method,
-        activation_checkpoint_interval=interval,
-        activation_checkpoint_func=TrackedCheckpoint(tracker),
-    )  # fmt: skip
+    with preserved_rng(init_seed is not None):
+        return GPTPipelineModule(
+            specs, state=state, topology=state.topology.to_deepspeed(),
+            loss_fn=loss_fn or PipelineLMLoss(state, fp32=not model.fp16_lm_cross_entropy),
+            partition_method=parallelism.pipe_partition_method,
+            activation_checkpoint_interval=interval,
+            activation_checkpoint_func=TrackedCheckpoint(tracker),
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ names

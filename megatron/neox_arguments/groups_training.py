@@ -85,8 +85,12 @@ class TrainingArgs:
         None, "Dense peak TFLOP/s of one device for MFU; unset looks the device up in a table.",
         origin="Here")
     inject_nonfinite_loss_iters: list[int] | None = key(
-        None, "Fault injection for testing the skip path: rank 0's loss becomes NaN at these "
+        None, "Fault injection for testing the skip path: one rank's loss becomes NaN at these "
         "iterations.", origin="Here")
+    inject_kill_during_save_iters: list[int] | None = key(
+        None, "Fault injection for testing atomic checkpoints: rank 0 kills itself (SIGKILL) "
+        "while saving at these iterations, after the weights are written and before the "
+        "checkpoint is marked complete.", origin="Here")
     iteration: int = key(0, "Iteration to start from (set by loading a checkpoint).",
                          derived=True)
 

@@ -176,7 +176,7 @@ def build_engine(cfg: NeoXConfig, rt: Runtime, train_iters: int) -> Engine:
             PipelineLMLoss(rt.state, fp32=not cfg.model.fp16_lm_cross_entropy), guard)
     model = build_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
                         padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
-                        tracker=rt.tracker, loss_fn=loss_hook)
+                        tracker=rt.tracker, loss_fn=loss_hook, init_seed=cfg.training.seed)
     model.to(rt.device)
     if not is_pipeline and rt.state.sequence_parallel:
         register_sequence_parallel_grad_hooks(model, rt.state)

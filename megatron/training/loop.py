@@ -83,7 +83,9 @@ class Trainer:
                                         save_rng=not ck.no_save_rng),
             iteration=self.progress.iteration,
             client_state=self.progress.client_state(self.engine.scheduler),
-            tracker=self.rt.tracker, config_files=self.config_files())
+            tracker=self.rt.tracker, config_files=self.config_files(),
+            kill_before_complete=self.progress.iteration in
+            (self.cfg.training.inject_kill_during_save_iters or ()))
         self.metrics.info(f"saved checkpoint at iteration {self.progress.iteration} to {ck.save}")
 
     def load(self) -> None:

@@ -122,6 +122,7 @@ def start(argv: list[str] | None = None, *, purpose: str | None = None) -> Runti
 def run_main(main: Any) -> None:
     """Run a worker's main; configuration problems end with one line and status 2."""
     from megatron.checkpointing import CheckpointError
+    from megatron.training.control import NonFiniteError
 
     try:
         code = main()
@@ -129,4 +130,8 @@ def run_main(main: Any) -> None:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         code = 2
+    except NonFiniteError as exc:
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        code = 3
     sys.exit(code or 0)

@@ -1,0 +1,135 @@
+"""Checkpoints through deepy.py: exact resume, pruning, a crash mid-save, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from e2e_helpers import (
+    base_values,
+    build_char_corpus,
+    explain,
+    kill_group,
+    losses,
+    records,
+    run_deepy,
+    start_deepy,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"train_iters": 6, "num_gpus": 2, "hidden_dropout": 0.1, "attention_dropout": 0.1,
+         "optimizer": {"type": "AdamW", "params": {"lr": 0.002}}}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_char_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """6 iterations in one go, saving every iteration and keeping the last 2."""
+    tmp = tmp_path_factory.mktemp("full")
+    run = tmp / "run"
+    cfg = write_config(tmp / "run.yml", base_values(
+        corpus, run, save=str(run / "ckpt"), save_interval=1, keep_last_n_checkpoints=2, **TRAIN))
+    proc = run_deepy("configs/tiny_neox.yml", cfg)
+    assert proc.returncode == 0, explain(proc)
+    return run
+
+
+def test_keep_last_n_prunes_old_checkpoints(uninterrupted):
+    ckpt = uninterrupted / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == \
+        ["global_step5", "global_step6"]
+    assert (ckpt / "latest").read_text() == "global_step6"
+    manifest = json.loads((ckpt / "global_step6" / "manifest.json").read_text())
+    assert manifest["iteration"] == 6
+    assert "configs/merged.yml" in manifest["files"]
+    assert any(name.startswith("rng/rank_") for name in manifest["files"])
+    merged = (ckpt / "global_step6" / "configs" / "merged.yml").read_text()
+    assert "hidden_dropout: 0.1" in merged
+
+
+def test_resume_gives_the_same_losses_as_the_uninterrupted_run(corpus, tmp_path,
+                                                               uninterrupted):
+    run = tmp_path / "run"
+    values = base_values(corpus, run, save=str(run / "ckpt"), load=str(run / "ckpt"),
+                         save_interval=1, **TRAIN)
+    first = run_deepy("configs/tiny_neox.yml",
+                      write_config(tmp_path / "a.yml", {**values, "exit_interval": 3}))
+    assert first.returncode == 0, explain(first)
+    assert max(losses(run)) == 3
+    second = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "b.yml", values))
+    assert second.returncode == 0, explain(second)
+    assert "loaded checkpoint" in second.stdout and "(iteration 3)" in second.stdout
+    resumed, reference = losses(run), losses(uninterrupted)
+    assert sorted(resumed) == list(range(1, 7))
+    for it in range(1, 7):
+        assert resumed[it] == pytest.approx(reference[it], abs=1e-6, rel=0), it
+    consumed = [r["consumed_samples"] for r in records(run)]
+    assert consumed == [8 * i for i in range(1, 7)]  # no sample replayed or skipped
+
+
+def test_a_crash_during_a_save_resumes_from_the_previous_checkpoint(corpus, tmp_path,
+                                                                     uninterrupted):
+    run = tmp_path / "run"
+    values = base_values(corpus, run, save=str(run / "ckpt"), load=str(run / "ckpt"),
+                         save_interval=2, **TRAIN)
+    crashed = run_deepy("configs/tiny_neox.yml", write_config(
+        tmp_path / "a.yml", {**values, "inject_kill_during_save_iters": [4]}))
+    assert crashed.returncode != 0
+    ckpt = run / "ckpt"
+    assert (ckpt / "latest").read_text() == "global_step2"
+    assert (ckpt / "global_step4").is_dir()  # written in part ...
+    assert not (ckpt / "global_step4" / "manifest.json").exists()  # ... never completed
+    resumed = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "b.yml", values))
+    assert resumed.returncode == 0, explain(resumed)
+    assert "(iteration 2)" in resumed.stdout
+    assert (ckpt / "latest").read_text() == "global_step6"
+    assert (ckpt / "global_step4" / "manifest.json").is_file()  # rewritten whole
+    after = {r["iteration"]: r["lm_loss"] for r in records(run)[-4:]}
+    reference = losses(uninterrupted)
+    for it in (3, 4, 5, 6):
+        assert after[it] == pytest.approx(reference[it], abs=1e-6, rel=0), it
+
+
+def test_damaged_checkpoint_is_a_one_line_error(corpus, tmp_path, uninterrupted):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(uninterrupted / "ckpt", ckpt)
+    victim = next((ckpt / "global_step6").glob("mp_rank_00_model_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    cfg = write_config(tmp_path / "r.yml", base_values(
+        corpus, tmp_path / "run", load=str(ckpt), **TRAIN))
+    proc = run_deepy("configs/tiny_neox.yml", cfg)
+    assert proc.returncode != 0
+    assert f"{victim}: damaged (100 bytes, the manifest says" in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yml", base_values(
+        corpus, run, save=str(run / "ckpt"), **{**TRAIN, "train_iters": 100000}))
+    proc = start_deepy("configs/tiny_neox.yml", cfg, log=tmp_path / "out.txt")
+    try:
+        wait_for(lambda: len(records(run)) >= 3, 240, "three logged iterations")
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    out = (tmp_path / "out.txt").read_text()
+    assert code == 0, out[-3000:]
+    assert "stop requested by a signal" in out
+    latest = (run / "ckpt" / "latest").read_text()
+    stopped_at = int(latest.removeprefix("global_step"))
+    assert stopped_at == max(r["iteration"] for r in records(run)) >= 3
+    assert (run / "ckpt" / latest / "manifest.json").is_file()
+    time.sleep(0.5)
