@@ -15,7 +15,8 @@ INTRO = """# Configuration reference
 Configs are YAML (or JSON) files of flat GPT-NeoX keys; `hidden-size` and `hidden_size` are the
 same key. Several files merge in order (`python deepy.py train.py a.yml b.yml`): a later file
 overrides an earlier one, and nested DeepSpeed blocks (`zero_optimization`, `fp16`, ...) merge
-key by key. `python deepy.py --dry-run ...` lists every overridden key with both files. Keys
+key by key (an `optimizer` or `scheduler` block of another `type` replaces the earlier block
+whole, since its params belong to the old type). `python deepy.py --dry-run ...` lists every overridden key with both files. Keys
 given after the config files on the command line (`--train_iters 100`) override the files.
 
 Every key is checked before any rank starts: unknown keys (with the closest known keys

@@ -158,7 +158,10 @@ def _merge_into(
     for name, value in new.items():
         if name in values:
             old_file = sources[name]
-            if isinstance(values[name], dict) and isinstance(value, dict):
+            if _replaces_block(name, values[name], value):
+                overrides.append(Override(name, old_file, origin, values[name], value))
+                values[name] = value
+            elif isinstance(values[name], dict) and isinstance(value, dict):
                 merged = _deep_merge(values[name], value, name, old_file, origin, overrides)
                 values[name] = merged
             else:
@@ -168,6 +171,16 @@ def _merge_into(
             values[name] = value
         sources[name] = origin
     return values, sources, overrides
+
+
+TYPED_BLOCKS = ("optimizer", "scheduler")
+
+
+def _replaces_block(name: str, old: Any, new: Any) -> bool:
+    """An ``optimizer``/``scheduler`` block of another ``type`` replaces the earlier one whole:
+    its params belong to the old type."""
+    return (name in TYPED_BLOCKS and isinstance(old, dict) and isinstance(new, dict)
+            and "type" in new and str(new["type"]).lower() != str(old.get("type", "")).lower())
 
 
 def _deep_merge(

@@ -152,6 +152,23 @@ class Engine:
         scale = getattr(self.ds.optimizer, "cur_scale", None)
         return float(scale) if scale is not None else None
 
+    def tied_weight_difference(self) -> float | None:
+        """Largest |difference| between the copies of each pipeline-tied weight (the word
+        embedding on the first and last stage); None without tied weights on this rank."""
+        import deepspeed.comm as ds_dist
+
+        module = self.ds.module
+        worst: float | None = None
+        for key, comm in getattr(module, "tied_comms", {}).items():
+            for attr in comm["weight_attr"]:
+                weight = module._recursive_getattr(module.tied_modules[key], attr).detach()
+                owner = weight.clone()
+                ds_dist.broadcast(owner, src=min(comm["ranks"]), group=comm["group"])
+                diff = (weight.float() - owner.float()).abs().max().reshape(1)
+                ds_dist.all_reduce(diff, op=ds_dist.ReduceOp.MAX, group=comm["group"])
+                worst = max(worst or 0.0, float(diff))
+        return worst
+
     def dp_mean(self, value: float) -> float:
         group = self.state.dp_group
         if group is None or torch.distributed.get_world_size(group) == 1:

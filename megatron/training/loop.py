@@ -87,6 +87,10 @@ class Trainer:
             kill_before_complete=self.progress.iteration in
             (self.cfg.training.inject_kill_during_save_iters or ()))
         self.metrics.info(f"saved checkpoint at iteration {self.progress.iteration} to {ck.save}")
+        if self.engine.is_pipeline:
+            diff = self.engine.tied_weight_difference()
+            if diff is not None:
+                self.metrics.info(f"tied weights: max |difference| between stages {diff:g}")
 
     def load(self) -> None:
         ck = self.cfg.checkpoint
@@ -192,6 +196,8 @@ class Trainer:
         valid_it = cycle_from(valid_set, cfg, self.rt.state, p.consumed_valid_samples) \
             if t.do_valid else None
         self.engine.ds.train()
+        if p.iteration == 0 and 0 in (cfg.checkpoint.extra_save_iters or ()):
+            self.save()  # the initial weights (Pythia-style step 0 checkpoint)
         p.interval_start, p.interval_iters = time.time(), 0
         reason = "done"
         while p.iteration < self.budget.train_iters:

@@ -119,3 +119,12 @@ def test_command_line_overrides():
     assert parsed == {"train_iters": 20, "eval_tasks": ["a", "b"], "use_wandb": True, "lr": 0.5}
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_key_overrides(["stray"])
+
+
+def test_optimizer_of_another_type_replaces_the_block(tmp_path):
+    a = write(tmp_path / "a.yml", "optimizer: {type: Adam, params: {lr: 0.1, eps: 1.0e-8}}\n")
+    b = write(tmp_path / "b.yml", "optimizer: {type: SGD, params: {lr: 0.5}}\n")
+    c = write(tmp_path / "c.yml", "optimizer: {params: {momentum: 0.9}}\n")
+    merged = load_config_files([a, b, c])
+    assert merged.values["optimizer"] == {"type": "SGD", "params": {"lr": 0.5, "momentum": 0.9}}
+    assert [o.key for o in merged.overrides] == ["optimizer"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,8 +53,16 @@ def base_values(data_prefix: str, run_dir: Path, **extra: Any) -> dict[str, Any]
     return values
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def deepy_command(*configs: str, overrides: list[str] | None = None) -> list[str]:
-    return [sys.executable, "deepy.py", "train.py", *configs, *(overrides or [])]
+    """A deepy.py train.py command line with its own rendezvous port (runs may overlap)."""
+    port = ["--master_port", str(free_port())]
+    return [sys.executable, "deepy.py", "train.py", *configs, *(overrides or []), *port]
 
 
 def run_deepy(*configs: str, overrides: list[str] | None = None, timeout: int = 600,

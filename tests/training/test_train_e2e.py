@@ -9,7 +9,6 @@ from e2e_helpers import (
     base_values,
     build_char_corpus,
     explain,
-    losses,
     records,
     run_deepy,
     write_config,
