@@ -7,6 +7,7 @@ datasets and loaders positioned at the consumed-sample counts -> train -> test.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,11 @@ class Progress:
             "skipped_iters": self.skipped_iters,
             "lr_scheduler": scheduler.state_dict(),
         }
+
+
+def _timed(timers: Any, name: str) -> Any:
+    """A timer context for the wall-clock breakdown, or nothing when it is off."""
+    return timers(name).timing() if timers is not None else contextlib.nullcontext()
 
 
 class Trainer:
@@ -145,18 +151,23 @@ class Trainer:
         else:
             total = 0.0
             gas = self.cfg.training.gradient_accumulation_steps or 1
+            timers = eng.timers if self.cfg.ds.wall_clock_breakdown else None
             for i in range(gas):
-                batch = next(batches)
-                loss = eng.forward_loss(batch)
+                with _timed(timers, "data"):
+                    batch = next(batches)
+                with _timed(timers, "forward"):
+                    loss = eng.forward_loss(batch)
                 if inject and i == 0:
                     loss = loss * float("nan")
                 self.guard.note_loss(loss)
-                eng.ds.backward(loss)
+                with _timed(timers, "backward"):
+                    eng.ds.backward(loss)
                 total += float(loss.detach())
-                if i == gas - 1:
-                    eng.before_step(measure_norm=measure)
-                    self.guard.decide(eng.ds.module.parameters())
-                eng.ds.step()
+                with _timed(timers, "optimizer"):
+                    if i == gas - 1:
+                        eng.before_step(measure_norm=measure)
+                        self.guard.decide(eng.ds.module.parameters())
+                    eng.ds.step()
             value = total / gas
         skipped = self.guard.end_step()
         return value, skipped
