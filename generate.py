@@ -1,2 +1,16 @@
-import sys
-sys.exit(1)
+#!/usr/bin/env python
+"""Generate text from a checkpoint. Launch through deepy.py:
+
+    python deepy.py generate.py configs/125M.yml configs/local_setup.yml \
+        configs/text_generation.yml
+
+``load`` names the checkpoint; ``text_gen_type`` picks unconditional, input-file or interactive
+generation (see docs/generation.md). For one process without the launcher:
+``python generate.py configs/x.yml configs/text_generation.yml``.
+"""
+
+from megatron.text_generation.runner import main
+from megatron.training.runtime import run_main
+
+if __name__ == "__main__":
+    run_main(main)

@@ -90,13 +90,13 @@ def set_rng_state(states: dict[str, Any], tracker: Any | None) -> None:
 # ----------------------------------------------------------------------------- manifest
 
 
-def write_manifest(tag_dir: Path, iteration: int) -> None:
+def write_manifest(tag_dir: Path, iteration: int, *, has_optimizer: bool = True) -> None:
     files = {}
     for path in sorted(tag_dir.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             files[str(path.relative_to(tag_dir))] = path.stat().st_size
-    _atomic_write(tag_dir / MANIFEST, json.dumps({"iteration": iteration, "files": files},
-                                                 indent=1))
+    manifest = {"iteration": iteration, "has_optimizer": has_optimizer, "files": files}
+    _atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
@@ -203,7 +203,7 @@ def save_checkpoint(
     if rank == 0:
         if not options.save_optimizer:
             _strip_optimizer_state(tag_dir)
-        write_manifest(tag_dir, iteration)
+        write_manifest(tag_dir, iteration, has_optimizer=options.save_optimizer)
         _atomic_write(save_dir / LATEST, tag)
         prune_checkpoints(save_dir, options.keep_last_n, protect=tag)
     _barrier()
@@ -255,10 +255,15 @@ def load_checkpoint(
     tag_dir = load_dir / tag
     manifest = verify_checkpoint(tag_dir)
     module_only = options.finetune
+    load_optimizer = options.load_optimizer and not module_only
+    if load_optimizer and not manifest.get("has_optimizer", True):
+        log(f"{tag_dir} holds no optimizer state (saved with no_save_optim, or converted): "
+            "the optimizer starts fresh")
+        load_optimizer = False
     try:
         path, client_state = engine.load_checkpoint(
             str(load_dir), tag=tag,
-            load_optimizer_states=options.load_optimizer and not module_only,
+            load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=False, load_module_only=module_only,
         )
     except Exception as exc:  # torch.load / DeepSpeed errors on damaged files

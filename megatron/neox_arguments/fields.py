@@ -171,6 +171,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is str:
         return value if isinstance(value, str) else _NOT
     if origin is list or tp is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item where a list is expected: --eval_tasks lambada
         if not isinstance(value, (list, tuple)):
             return _NOT
         args = get_args(tp)

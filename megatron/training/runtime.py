@@ -64,12 +64,22 @@ def init_distributed(backend: str, timeout_minutes: int = 30) -> None:
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:  # one process started without a launcher
+        os.environ["MASTER_PORT"] = str(_free_port()) \
+            if os.environ.get("WORLD_SIZE", "1") == "1" else "29500"
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def set_cpu_threads(cfg: NeoXConfig) -> None:

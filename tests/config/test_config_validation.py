@@ -32,7 +32,7 @@ def test_unknown_key_without_close_match_has_no_suggestion():
     ("no_weight_tying", "maybe", "expected bool"),
     ("norm", "batchnorm", "is not one of 'layernorm', 'rmsnorm', 'scalenorm'"),
     ("pos_emb", 3, "is not one of"),
-    ("train_data_paths", "a", "expected list"),
+    ("train_data_paths", {"a": 1}, "expected list"),
 ])
 def test_wrong_type_or_choice(key, value, fragment):
     msg = err(**{key: value})
@@ -265,3 +265,8 @@ def test_mlp_width_divisible_by_model_parallel():
 def test_tokenizer_files_are_only_required_for_a_job():
     cfg = make_cfg(purpose=None, tokenizer_type="GPT2BPETokenizer", data_path=None)
     assert cfg.tokenizer.vocab_file is None
+
+
+def test_a_single_value_is_a_one_item_list():
+    cfg = make_cfg(eval_tasks="lambada", train_data_weights=None)
+    assert cfg.textgen.eval_tasks == ["lambada"]
