@@ -195,7 +195,7 @@ class HFTokenizer(_HFBackedTokenizer):
         super().__init__("HFTokenizer", tok, vocab_file)
 
 
-def _gpt2_fast_from_files(cls: Any, vocab_file: str, merge_file: str) -> Any:
+def gpt2_fast_from_files(cls: Any, vocab_file: str, merge_file: str) -> Any:
     params = inspect.signature(cls.__init__).parameters
     if "vocab_file" in params:  # transformers 4.x
         return cls(vocab_file=vocab_file, merges_file=merge_file)
@@ -222,7 +222,7 @@ class HFGPT2Tokenizer(AbstractTokenizer):
                 tok = GPT2TokenizerFast.from_pretrained(vocab_file, local_files_only=True)
             else:
                 merge_file = _require_file(merge_file, "a merge_file", self.name)
-                tok = _gpt2_fast_from_files(GPT2TokenizerFast, vocab_file, merge_file)
+                tok = gpt2_fast_from_files(GPT2TokenizerFast, vocab_file, merge_file)
         except TokenizerError:
             raise
         except Exception as e:

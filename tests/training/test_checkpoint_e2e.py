@@ -133,3 +133,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert stopped_at == max(r["iteration"] for r in records(run)) >= 3
     assert (run / "ckpt" / latest / "manifest.json").is_file()
     time.sleep(0.5)
+
+
+def test_checkpoint_without_optimizer_state_resumes_with_a_fresh_optimizer(corpus, tmp_path):
+    run = tmp_path / "run"
+    values = base_values(corpus, run, save=str(run / "ckpt"), load=str(run / "ckpt"),
+                         no_save_optim=True, **{**TRAIN, "num_gpus": 1, "train_iters": 3})
+    first = run_deepy("configs/tiny_neox.yml",
+                      write_config(tmp_path / "a.yml", {**values, "exit_interval": 2}))
+    assert first.returncode == 0, explain(first)
+    manifest = json.loads((run / "ckpt" / "global_step2" / "manifest.json").read_text())
+    assert manifest["has_optimizer"] is False
+    assert not any("optim_states" in name for name in manifest["files"])
+    second = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "b.yml", values))
+    assert second.returncode == 0, explain(second)
+    assert "holds no optimizer state" in second.stdout and "(iteration 2)" in second.stdout
+    assert max(losses(run)) == 3

@@ -137,12 +137,12 @@ def export_tokenizer(tok_args: Any, tokenizer: Any, out_dir: Path) -> str:
         elif kind in ("gpt2bpetokenizer", "hfgpt2tokenizer"):
             from transformers import AutoTokenizer, GPT2TokenizerFast
 
-            from megatron.tokenizer.tokenizer import _gpt2_fast_from_files
+            from megatron.tokenizer.tokenizer import gpt2_fast_from_files
 
             if Path(tok_args.vocab_file).is_dir():
                 hf_tok = AutoTokenizer.from_pretrained(tok_args.vocab_file, local_files_only=True)
             else:
-                hf_tok = _gpt2_fast_from_files(GPT2TokenizerFast, tok_args.vocab_file,
+                hf_tok = gpt2_fast_from_files(GPT2TokenizerFast, tok_args.vocab_file,
                                                tok_args.merge_file)
                 hf_tok.add_special_tokens(_token_strings(tokenizer, ids))  # type: ignore[arg-type]
         elif kind in ("spmtokenizer", "sentencepiecetokenizer"):
