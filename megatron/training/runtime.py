@@ -57,10 +57,22 @@ def _discover_from_environment(cfg_values: dict[str, Any]) -> None:
         os.environ.update(mpi_environment(os.environ, cfg_values.get("master_port", 29500)))
 
 
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs its set-up at INFO level on every rank; keep warnings and errors only
+    (``DEEPSPEED_LOG_LEVEL=info`` brings the set-up messages back)."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    level = os.environ.get("DEEPSPEED_LOG_LEVEL", "warning").upper()
+    logger.setLevel(getattr(logging, level, logging.WARNING))
+
+
 def init_distributed(backend: str, timeout_minutes: int = 30) -> None:
     """Initialize torch.distributed (through DeepSpeed) unless it already is."""
     import deepspeed
 
+    quiet_deepspeed()
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
