@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install test test-fast demo bench lint docs clean
+.PHONY: install test test-fast test-launch demo bench lint docs clean
 
 install: $(STAMP)
 
@@ -16,6 +16,12 @@ $(STAMP): setup.py requirements/*.txt tools/install_env.sh
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not launchers" tests
+
+test-launch: $(STAMP)
+	$(PY) -m pytest -q tests/launch
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -23,7 +29,13 @@ docs: $(STAMP)
 	$(PY) -m megatron.neox_arguments.docs > configs/README.md
 
 demo: $(STAMP)
-	$(PY) deepy.py --dry-run train.py configs/demo.yml
+	@test -f data/pydocs/pydocs_text_document.idx || $(PY) prepare_data.py pydocs
+	rm -rf runs/demo
+	$(PY) deepy.py train.py configs/demo.yml
+	$(PY) tools/summarize_run.py runs/demo/logs --save runs/demo/checkpoints
+	$(PY) deepy.py generate.py configs/demo.yml configs/text_generation.yml --num_gpus 1 \
+		--text_gen_type input-file --sample_input_file configs/demo_prompts.txt \
+		--sample_output_file runs/demo/samples.jsonl --maximum_tokens 48 --temperature 0.7
 
 clean:
 	rm -rf $(VENV) build *.egg-info

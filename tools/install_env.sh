@@ -20,5 +20,5 @@ fi
 torch_version=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
 constraints="$venv/constraints.txt"
 echo "torch==${torch_version}" > "$constraints"
-$pip install -q -c "$constraints" -e ".[dev,wandb,eval]"
+$pip install -q -c "$constraints" -e ".[dev,wandb,eval,mpi]"
 "$venv/bin/python" -c "import torch, deepspeed, megatron; print('installed: torch', torch.__version__, 'deepspeed', deepspeed.__version__)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -60,23 +61,47 @@ _MPI_VARIABLES = (  # (rank, size, local rank) in OpenMPI, MPICH/Hydra, MVAPICH,
 )
 
 
+def launched_by_mpi(env: Mapping[str, str]) -> bool:
+    """Whether an MPI launcher (mpirun/mpiexec/srun --mpi) started this process."""
+    return any(rank_key in env for rank_key, _size, _local in _MPI_VARIABLES)
+
+
+def _usable_mpi4py() -> Any:
+    """``mpi4py.MPI`` (initializing MPI), or None when mpi4py is not installed or finds no MPI
+    library (mpi4py 4 wheels load libmpi at import and raise RuntimeError without one)."""
+    try:
+        from mpi4py import MPI  # type: ignore[import-not-found]
+    except Exception:  # ImportError, or RuntimeError: cannot load MPI library
+        return None
+    return MPI
+
+
 def mpi_environment(env: Mapping[str, str], master_port: int) -> dict[str, str]:
     """torch.distributed variables for a rank started by ``mpirun``.
 
-    Uses mpi4py when it is installed (rank, size, and the first rank's host name broadcast
-    as the rendezvous address); otherwise the MPI implementation's environment variables,
-    with ``MASTER_ADDR`` from the environment (127.0.0.1 when unset, i.e. one node).
+    Uses mpi4py when it is installed and loads an MPI library (rank, size, node-local rank,
+    and rank 0's address broadcast as the rendezvous address); otherwise the MPI
+    implementation's environment variables. ``MASTER_ADDR``/``MASTER_PORT`` from the
+    environment win (deepy.py exports them to mpirun's ranks); without them and without
+    mpi4py the address is 127.0.0.1, i.e. one node. A process that no MPI launcher started
+    but that has ``RANK`` and ``WORLD_SIZE`` (DeepSpeed's own launcher) keeps them.
     """
-    try:
-        from mpi4py import MPI  # type: ignore[import-not-found]
-    except ImportError:
-        MPI = None  # noqa: N806
+    if not launched_by_mpi(env):
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return {}
+        raise RuntimeError("deepspeed_mpi: no MPI rank variables found (OMPI_COMM_WORLD_RANK, "
+                           "PMI_RANK, ...): start the ranks with mpirun (launcher: openmpi)")
+    MPI = _usable_mpi4py()  # noqa: N806
     if MPI is not None:
         import socket
 
         comm = MPI.COMM_WORLD
-        master = comm.bcast(socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0
-                            else None, root=0)
+        hosts = comm.allgather(socket.gethostname())
+        if len(set(hosts)) == 1:
+            master = "127.0.0.1"
+        else:
+            master = comm.bcast(socket.gethostbyname(socket.gethostname())
+                                if comm.Get_rank() == 0 else None, root=0)
         local = comm.Split_type(MPI.COMM_TYPE_SHARED)
         return {
             "RANK": str(comm.Get_rank()), "WORLD_SIZE": str(comm.Get_size()),
@@ -92,8 +117,12 @@ def mpi_environment(env: Mapping[str, str], master_port: int) -> dict[str, str]:
                 "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
                 "MASTER_PORT": env.get("MASTER_PORT") or str(master_port),
             }
-            if "OMPI_COMM_WORLD_LOCAL_SIZE" in env:
-                out["LOCAL_WORLD_SIZE"] = env["OMPI_COMM_WORLD_LOCAL_SIZE"]
+            for local_size in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
+                               "MPI_LOCALNRANKS"):
+                if local_size in env:
+                    out["LOCAL_WORLD_SIZE"] = env[local_size]
+                    break
             return out
-    raise RuntimeError("deepspeed_mpi: no MPI rank variables found (OMPI_COMM_WORLD_RANK, "
-                       "PMI_RANK, ...) and mpi4py is not installed")
+    raise RuntimeError("deepspeed_mpi: MPI rank variables without a world size "
+                       f"({', '.join(k for k, _s, _l in _MPI_VARIABLES if k in env)}) and "
+                       "mpi4py is not usable")
