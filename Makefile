@@ -37,5 +37,17 @@ demo: $(STAMP)
 		--text_gen_type input-file --sample_input_file configs/demo_prompts.txt \
 		--sample_output_file runs/demo/samples.jsonl --maximum_tokens 48 --temperature 0.7
 
+# Benchmarks: data layer, training throughput (trainer vs bare PyTorch loop, interleaved),
+# data-parallel scaling, ZeRO memory, checkpoints; regenerates the table in bench/README.md.
+# make bench BENCH_FLAGS=--quick  for a shorter run.
+BENCH_FLAGS ?=
+bench: $(STAMP)
+	@test -f data/pydocs/pydocs_text_document.idx || $(PY) prepare_data.py pydocs
+	$(PY) bench/bench_data.py $(BENCH_FLAGS)
+	$(PY) bench/bench_train.py $(BENCH_FLAGS)
+	$(PY) bench/bench_checkpoint.py $(BENCH_FLAGS)
+	$(PY) bench/step_profile.py $(BENCH_FLAGS)
+	$(PY) bench/report.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

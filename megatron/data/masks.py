@@ -48,6 +48,23 @@ def get_ltor_masks_and_position_ids(
     reset_attention_mask: bool = False,
     eod_mask_loss: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    attention_mask, loss_mask, position_ids = _masks_and_position_ids(
+        tokens, eod_token, reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss,
+        with_attention_mask=True)
+    assert attention_mask is not None
+    return attention_mask, loss_mask, position_ids
+
+
+def _masks_and_position_ids(
+    tokens: torch.Tensor,
+    eod_token: int,
+    *,
+    reset_position_ids: bool,
+    reset_attention_mask: bool,
+    eod_mask_loss: bool,
+    with_attention_mask: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     b, s = tokens.shape
     device = tokens.device
     loss_mask = torch.ones(b, s, dtype=torch.float, device=device)
@@ -61,6 +78,8 @@ def get_ltor_masks_and_position_ids(
         position_ids = positions - doc_start
     else:
         position_ids = positions.clone()
+    if not (with_attention_mask or reset_attention_mask):
+        return None, loss_mask, position_ids
     attention_mask = causal_mask(s, device)
     if reset_attention_mask:
         docs = get_document_ids(tokens, eod_token)
@@ -75,8 +94,13 @@ def prepare_lm_batch(
     reset_position_ids: bool = False,
     reset_attention_mask: bool = False,
     eod_mask_loss: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(tokens, labels, loss_mask, attention_mask, position_ids)`` from a loader batch."""
+    causal_attention_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(tokens, labels, loss_mask, attention_mask, position_ids)`` from a loader batch.
+
+    ``causal_attention_mask=False`` leaves out the plain causal mask (``attention_mask`` is
+    then None unless ``reset_attention_mask`` makes a per-document mask): for models that run
+    their causal kernel without one, it saves building an ``s x s`` tensor per micro batch."""
     text = batch["text"].long()
     tokens = text[:, :-1].contiguous()
     if "label" in batch:
@@ -86,12 +110,13 @@ def prepare_lm_batch(
     else:
         labels = text[:, 1:].contiguous()
         valid = None
-    attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
+    attention_mask, loss_mask, position_ids = _masks_and_position_ids(
         tokens,
         eod_token,
         reset_position_ids=reset_position_ids,
         reset_attention_mask=reset_attention_mask,
         eod_mask_loss=eod_mask_loss,
+        with_attention_mask=causal_attention_mask,
     )
     if valid is not None:
         loss_mask = loss_mask * valid.float()

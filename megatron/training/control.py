@@ -47,10 +47,18 @@ class StepGuard:
         self.skipped_total = 0
         self.consecutive = 0
         self._engine_optimizer: Any = None
+        self._loss_checks: list[torch.Tensor] = []
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self.local_bad = True
+        """Record a micro batch's loss. The finiteness check stays on the loss's device until
+        :meth:`decide` reads all of a step's checks at once (one host sync per step on GPUs)."""
+        self._loss_checks.append(torch.isfinite(loss.detach()).all())
+
+    def _losses_finite(self) -> bool:
+        checks, self._loss_checks = self._loss_checks, []
+        if not checks:
+            return True
+        return bool(torch.stack(checks).all()) if len(checks) > 1 else bool(checks[0])
 
     def install(self, optimizer: torch.optim.Optimizer, engine_optimizer: Any = None,
                 pre_update: Any = None) -> None:
@@ -77,9 +85,18 @@ class StepGuard:
 
         optimizer.step = guarded_step  # type: ignore[method-assign]
 
-    def decide(self, params: Iterable[torch.nn.Parameter]) -> bool:
-        """The collective decision for this step; call on every rank before engine.step()."""
-        bad = self.local_bad or not _grads_finite(params)
+    def decide(self, params: Iterable[torch.nn.Parameter] = (), *,
+               grads_finite: bool | None = None) -> bool:
+        """The collective decision for this step; call on every rank before engine.step().
+
+        ``grads_finite`` is this rank's verdict on its gradients when the caller already has
+        it (the trainer derives it from the per-parameter gradient norms it computes anyway
+        for clipping and logging); otherwise the gradients of ``params`` are checked here."""
+        if not self._losses_finite():
+            self.local_bad = True
+        if grads_finite is None:
+            grads_finite = _grads_finite(params)
+        bad = self.local_bad or not grads_finite
         self.skip = _world_max([float(bad)], self.group)[0] > 0
         self.decided = True
         return self.skip
@@ -88,6 +105,7 @@ class StepGuard:
         """Call after the boundary's ``engine.step()``; returns True if the step was skipped."""
         skipped = self.skip or self.skipped_now or not self.stepped
         self.local_bad = self.skip = self.decided = self.stepped = self.skipped_now = False
+        self._loss_checks = []
         if skipped:
             self.skipped_total += 1
             self.consecutive += 1
@@ -111,6 +129,16 @@ def _grads_finite(params: Iterable[torch.nn.Parameter]) -> bool:
         return True
     norms = torch._foreach_norm(grads)
     return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms ``[n]`` in fp32 from one fused multi-tensor pass (no copies; 16-bit
+    gradients are accumulated in fp32). A norm is non-finite exactly when its tensor holds a
+    non-finite value (or its sum of squares overflows fp32), so the same numbers serve the
+    step guard, gradient clipping and the logged global norm."""
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.stack(torch._foreach_norm(grads))
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
 
 
 class StopSignal:

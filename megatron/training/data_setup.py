@@ -124,14 +124,16 @@ class LMBatch:
 def lm_batch(raw: dict[str, torch.Tensor], cfg: NeoXConfig, eod: int,
              device: torch.device) -> LMBatch:
     d = cfg.data
+    # The plain causal mask is never built: the model runs its causal kernel without one.
     tokens, labels, loss_mask, mask, positions = prepare_lm_batch(
         raw, eod, reset_position_ids=d.reset_position_ids,
-        reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
+        reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
+        causal_attention_mask=False)
     return LMBatch(
         tokens=tokens.to(device, non_blocking=True),
         labels=labels.to(device, non_blocking=True),
         loss_mask=loss_mask.to(device, non_blocking=True),
-        attention_mask=mask.to(device) if d.reset_attention_mask else None,
+        attention_mask=mask.to(device) if mask is not None else None,
         position_ids=positions.to(device, non_blocking=True),
     )
 

@@ -149,9 +149,9 @@ class Trainer:
             loss = eng.ds.train_batch(data_iter=eng.pipeline_inputs(batches))
             value = float(loss.detach().float())
         else:
-            total = 0.0
             gas = self.cfg.training.gradient_accumulation_steps or 1
             timers = eng.timers if self.cfg.ds.wall_clock_breakdown else None
+            losses = []
             for i in range(gas):
                 with _timed(timers, "data"):
                     batch = next(batches)
@@ -162,12 +162,17 @@ class Trainer:
                 self.guard.note_loss(loss)
                 with _timed(timers, "backward"):
                     eng.ds.backward(loss)
-                total += float(loss.detach())
+                losses.append(loss.detach())
                 with _timed(timers, "optimizer"):
                     if i == gas - 1:
-                        eng.before_step(measure_norm=measure)
-                        self.guard.decide(eng.ds.module.parameters())
+                        # one pass over the gradients: the guard's verdict, the norm to clip
+                        # by and, at log steps, the logged norm
+                        finite = eng.before_step(measure_norm=measure)
+                        self.guard.decide(grads_finite=finite)
                     eng.ds.step()
+            total = 0.0
+            for loss in losses:  # read after the update: no host sync per micro batch
+                total += float(loss)
             value = total / gas
         skipped = self.guard.end_step()
         return value, skipped

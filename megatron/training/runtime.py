@@ -100,12 +100,20 @@ def set_cpu_threads(cfg: NeoXConfig) -> None:
         return
     threads = cfg.launcher.num_cpu_threads_per_rank
     if threads is None:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        if local_world <= 0:
-            local_world = max(1, int(os.environ.get("WORLD_SIZE", "1")) //
-                              max(1, int(os.environ.get("NNODES", "1") or 1)))
-        threads = max(1, (os.cpu_count() or 1) // local_world)
+        threads = max(1, (os.cpu_count() or 1) // local_world_size())
     torch.set_num_threads(threads)
+
+
+def local_world_size() -> int:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun; set from MPI / Slurm by
+    ``cluster_env``), ``LOCAL_SIZE`` (DeepSpeed's launcher), else the world size over the node
+    count (``NNODES``, or DeepSpeed's ``CROSS_SIZE``)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = int(os.environ.get(name, "0") or 0)
+        if value > 0:
+            return value
+    nodes = int(os.environ.get("NNODES", "") or os.environ.get("CROSS_SIZE", "") or 1)
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // max(1, nodes))
 
 
 def seed_everything(seed: int, state: ParallelState) -> RNGStatesTracker:
