@@ -30,9 +30,16 @@ def corpus(tmp_path_factory):
 def train(corpus: str, tmp: Path, name: str, **extra) -> Path:
     run = tmp / name
     cfg = write_config(tmp / f"{name}.yml", base_values(corpus, run, **{**MODEL, **extra}))
+    before = shm_segments()
     proc = run_deepy("configs/tiny_neox.yml", cfg)
     assert proc.returncode == 0, explain(proc)
+    # DeepSpeed's CPU all-reduce maps 66 MB per rank in /dev/shm; a run must not leave it behind
+    assert shm_segments() - before == set()
     return run
+
+
+def shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
 @pytest.fixture(scope="module")
