@@ -14,7 +14,7 @@ $(STAMP): setup.py requirements/*.txt tools/install_env.sh
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not launchers" tests

@@ -1,9 +1,9 @@
 """Training benchmark: the trainer (deepy.py -> DeepSpeed runner -> ranks) against a bare
 PyTorch loop of the identical model, data-parallel scaling, and memory under ZeRO 0-3.
 
-    python bench/bench_train.py            # full run (about 20-25 minutes on 2 cores)
+    python bench/bench_train.py            # full run (about 35-40 minutes on 2 cores)
     python bench/bench_train.py --quick    # fewer cases, steps and repetitions (~6 minutes)
-    python bench/bench_train.py --only 7M-fp32 --reps 5
+    python bench/bench_train.py --only 7M-fp32 --reps 5 --merge   # rerun one case into train.json
 
 Writes ``bench/results/train.json`` (``--output``). What is measured:
 
@@ -89,8 +89,8 @@ class Case:
 
 def full_cases() -> list[Case]:
     return [
-        Case("7M-fp32", "7M", "fp32", 8, interval=3, intervals=3, reps=3, dp2=True),
-        Case("30M-fp32", "30M", "fp32", 2, interval=2, intervals=3, reps=3, dp2=True),
+        Case("7M-fp32", "7M", "fp32", 8, interval=5, intervals=3, reps=4, dp2=True),
+        Case("30M-fp32", "30M", "fp32", 2, interval=3, intervals=3, reps=4, dp2=True),
         # bf16 GEMMs run in a slow non-vectorised path on CPUs without AVX512-BF16/AMX (see
         # the README): fewer tokens per step and fewer steps, or the run takes an hour.
         Case("7M-bf16", "7M", "bf16", 2, interval=1, intervals=2, reps=2, dp2=False),
@@ -597,6 +597,23 @@ def bench_zero(model: str, peak: dict[str, Any], timeout: float, steps: int) -> 
     return out
 
 
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the cases (and the ZeRO table) that ``new`` measured replaced; the
+    environment and total time are those of the latest run, the earlier ones kept in
+    ``earlier_runs``."""
+    merged = dict(old)
+    merged["cases"] = {**old.get("cases", {}), **new["cases"]}
+    if "zero" in new:
+        merged["zero"] = new["zero"]
+    earlier = old.get("earlier_runs", [])
+    earlier.append({k: old[k] for k in ("environment", "total_seconds", "quick") if k in old})
+    merged["earlier_runs"] = earlier
+    for key in ("environment", "measured_gemm_tflops", "cpu_peak", "total_seconds", "quick"):
+        merged[key] = new[key]
+    merged["quick"] = bool(old.get("quick")) or bool(new["quick"])
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -606,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="override the repetitions per case")
     p.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "train.json"))
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the cases run now in an existing --output file (each case "
+                        "keeps the time and load of its own run)")
     args = p.parse_args(argv)
 
     ensure_data()
@@ -633,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case.name}: {case.reps} repetition(s), {case.interval} warm-up + "
               f"{case.intervals} x {case.interval} timed steps per run", flush=True)
         results["cases"][case.name] = c = bench_case(case, peak, args.timeout)
+        c["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
         print(f"  -> trainer/bare {c['ratio']['pooled']:.3f} (pairs "
               f"{[round(x, 3) for x in c['ratio']['pairs']]}), trainer "
               f"{c['trainer']['tokens_per_s']:.0f} tokens/s, bare "
@@ -644,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     results["total_seconds"] = time.perf_counter() - start
     results["environment"]["load_average_at_end"] = list(os.getloadavg())
     out = Path(args.output)
+    if args.merge and out.is_file():
+        results = merge_results(json.loads(out.read_text()), results)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".tmp")
     tmp_out.write_text(json.dumps(results, indent=1) + "\n")

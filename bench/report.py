@@ -65,7 +65,7 @@ def header(train: dict[str, Any] | None, data: dict[str, Any] | None) -> list[st
         "[docs/performance.md](../docs/performance.md).",
         "",
         "```bash",
-        "make bench                         # everything below (~20-30 minutes on 2 cores)",
+        "make bench                         # everything below (~40 minutes on 2 cores)",
         "make bench BENCH_FLAGS=--quick     # fewer cases, steps and repetitions (~6 minutes)",
         "```",
         "",
@@ -92,12 +92,26 @@ def header(train: dict[str, Any] | None, data: dict[str, Any] | None) -> list[st
                      "every timing is a median with its range")
         lines.append(f"- Training benchmark: {'quick' if train.get('quick') else 'full'} run, "
                      f"{train['total_seconds'] / 60:.1f} minutes")
+        for run in train.get("earlier_runs", []):
+            lines.append(f"- Cases not rerun come from an earlier run of {run['total_seconds'] / 60:.1f}"
+                         f" minutes (load average at start "
+                         f"{_load_avg(run['environment'].get('load_average_at_start'))}); "
+                         "each case lists when it was measured")
     return lines
 
 
 def summary_table(train: dict[str, Any] | None, ckpt: dict[str, Any] | None,
-                  data: dict[str, Any] | None) -> list[str]:
+                  data: dict[str, Any] | None, prof: dict[str, Any] | None = None) -> list[str]:
     rows = ["| what | result | command |", "|---|---|---|"]
+    if prof:
+        cmd = "python bench/step_profile.py" + (" --quick" if prof.get("quick") else "")
+        for name, m in prof["models"].items():
+            a = m["alternating"]
+            rows.append(
+                f"| {name}-fp32: `Trainer.train_step` / bare step, same process, alternating "
+                f"every {a['steps_per_sample']} step(s) | **{a['ratio_wall_median']:.3f}** wall, "
+                f"{a['ratio_cpu_median']:.3f} CPU time ({len(a['trainer_wall_s'])} pairs) | "
+                f"`{cmd}` |")
     if train:
         for name, c in train["cases"].items():
             r = c["ratio"]
@@ -183,8 +197,9 @@ def throughput_section(train: dict[str, Any]) -> list[str]:
     lines += ["", "Commands (configs written by the benchmark into `bench/results/configs/`):", ""]
     for name, c in train["cases"].items():
         case = c["case"]
+        when = f", measured {c['measured_at']}" if c.get("measured_at") else ""
         lines.append(f"- {name} ({case['reps']} repetition(s), {case['interval']} warm-up + "
-                     f"{case['intervals']} x {case['interval']} timed steps per run): trainer "
+                     f"{case['intervals']} x {case['interval']} timed steps per run{when}): trainer "
                      f"`{c['commands']['trainer']}`; bare `{c['commands']['bare']}`")
     lines += [
         "",
@@ -358,7 +373,7 @@ def render() -> str:
     train, ckpt, data = _load("train"), _load("checkpoint"), _load("data")
     prof = _load("step_profile")
     lines = header(train, data)
-    lines += ["", "## Summary", ""] + summary_table(train, ckpt, data)
+    lines += ["", "## Summary", ""] + summary_table(train, ckpt, data, prof)
     missing = [n for n, v in (("train", train), ("checkpoint", ckpt), ("data", data)) if v is None]
     if missing:
         lines += ["", f"(no results yet for: {', '.join(missing)})"]
