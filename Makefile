@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+# JIT-compiled DeepSpeed ops (cpu_adam) are built once per environment, next to it
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install test test-fast test-launch demo bench lint docs clean
 

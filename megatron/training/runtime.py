@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -74,6 +75,7 @@ def init_distributed(backend: str, timeout_minutes: int = 30) -> None:
     import deepspeed
 
     quiet_deepspeed()
+    prepare_deepspeed_comm()  # also for a process group made elsewhere: deepspeed.initialize
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -85,30 +87,55 @@ def init_distributed(backend: str, timeout_minutes: int = 30) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(minutes=timeout_minutes))
-    release_shm_workspace()
 
 
-SHM_WORKSPACE = "deepspeed_allreduce_buffer"
+# DeepSpeed's CPU shared-memory all-reduce; only its inference all-reduce uses it
+SHM_COMM_OP = "deepspeed_shm_comm"
+STALE_BUILD_LOCK_S = 600
 
 
-def shm_workspace_path(env: dict[str, str] | None = None) -> Path:
-    """The /dev/shm segment DeepSpeed's CPU shared-memory all-reduce creates for this rank."""
-    env = dict(os.environ) if env is None else env
-    name = (f"{SHM_WORKSPACE}_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-            f"{env.get('MASTER_PORT', '')}_{env.get('RANK', '')}")
-    return Path("/dev/shm") / name
+def prepare_deepspeed_comm() -> None:
+    """Keep DeepSpeed's communication set-up to what training uses.
 
-
-def release_shm_workspace() -> None:
-    """Unlink this rank's shared-memory all-reduce segment once every rank has mapped it.
-
-    On CPU, DeepSpeed maps a 66 MB segment per rank in /dev/shm when all ranks share a node and
-    never unlinks it, so every run would leave ``world_size`` x 66 MB of RAM behind until the
-    tmpfs fills. After the barrier every peer holds its mapping; unlinking only drops the name.
+    On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op at
+    start-up (about 45 s the first time) and maps a 66 MB /dev/shm segment per rank that it
+    never unlinks, so every run leaves ``world_size`` x 66 MB of RAM behind. The op serves only
+    DeepSpeed's inference all-reduce; training collectives go through torch.distributed. Marking
+    it incompatible (DeepSpeed keeps ``deepspeed.ops.__compatible_ops__`` as one dict for this)
+    skips both. Also removes JIT-build locks left by a killed compile (see below).
     """
-    if torch.distributed.get_world_size() > 1:  # every rank passes here, segment or not
-        torch.distributed.barrier()
-    shm_workspace_path().unlink(missing_ok=True)
+    clear_stale_build_locks()
+    if accelerator.is_gpu():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove torch JIT-build locks older than ``max_age_s``.
+
+    A compile that is killed (Ctrl-C, out of memory) leaves ``<extensions dir>/<op>/lock``
+    behind, and every later process waits on it forever without a word. A build here takes a
+    few minutes at most, so an older lock belongs to no live build.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    removed = []
+    now = time.time()
+    for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:
+        try:
+            if now - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"warning: removed a stale JIT-build lock {lock} (left by a killed "
+                      f"compile)", file=sys.stderr, flush=True)
+        except OSError:  # another rank removed it first
+            continue
+    return removed
 
 
 def _free_port() -> int:

@@ -63,19 +63,6 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def remove_shm_workspace(env: dict[str, str]) -> None:
-    """Drop the rank's DeepSpeed CPU all-reduce segment in /dev/shm if the rank left it there
-    (the trainer unlinks it after start-up; a rank that died before that could not)."""
-    if not (env.get("RANK", "").isdigit() and env.get("MASTER_PORT")):
-        return
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-            f"{env['MASTER_PORT']}_{env['RANK']}")
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except OSError:
-        pass
-
-
 def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
     """(options before the script, e.g. --local_rank=N from DeepSpeed's launcher; script; its
     arguments)."""
@@ -114,7 +101,6 @@ def main(argv: list[str]) -> int:
     for signum in pending:
         forward(signum, None)
     code = child.wait()
-    remove_shm_workspace(dict(os.environ))
     if code == 0:
         return 0
     what = (f"was killed by {signal_name(-code)}" if code < 0
