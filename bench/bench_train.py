@@ -605,8 +605,13 @@ def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged["cases"] = {**old.get("cases", {}), **new["cases"]}
     if "zero" in new:
         merged["zero"] = new["zero"]
-    earlier = old.get("earlier_runs", [])
-    earlier.append({k: old[k] for k in ("environment", "total_seconds", "quick") if k in old})
+    earlier = list(old.get("earlier_runs", []))
+    run = {k: old[k] for k in ("environment", "total_seconds", "quick") if k in old}
+    # what the replaced cases measured then, so a rerun never hides an earlier result
+    run["replaced"] = {name: {"ratio": case.get("ratio"), "dp_scaling": case.get("dp_scaling"),
+                              "measured_at": case.get("measured_at")}
+                       for name, case in old.get("cases", {}).items() if name in new["cases"]}
+    earlier.append(run)
     merged["earlier_runs"] = earlier
     for key in ("environment", "measured_gemm_tflops", "cpu_peak", "total_seconds", "quick"):
         merged[key] = new[key]

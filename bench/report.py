@@ -97,6 +97,12 @@ def header(train: dict[str, Any] | None, data: dict[str, Any] | None) -> list[st
                          f" minutes (load average at start "
                          f"{_load_avg(run['environment'].get('load_average_at_start'))}); "
                          "each case lists when it was measured")
+            for name, case in run.get("replaced", {}).items():
+                ratio = case.get("ratio") or {}
+                if "pooled" in ratio:
+                    pairs = ", ".join(f"{r:.3f}" for r in ratio.get("pairs", []))
+                    lines.append(f"- {name} in that earlier run (since rerun): trainer / bare "
+                                 f"{ratio['pooled']:.3f} (per-pair {pairs})")
     return lines
 
 
