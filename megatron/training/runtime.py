@@ -216,4 +216,25 @@ def run_main(main: Any) -> None:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         code = 3
+    shutdown_distributed(synchronize=not code)
     sys.exit(code or 0)
+
+
+def shutdown_distributed(synchronize: bool) -> None:
+    """Tear the process group down before the interpreter does.
+
+    Left to interpreter exit, gloo's worker threads may release tensors after Python has
+    finalized, and a rank whose run succeeded aborts with SIGABRT ("terminate called without an
+    active exception"). After a successful run the ranks meet at a barrier first, so none tears
+    down a connection that a peer is still using.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception as exc:  # exiting anyway; the launcher sees a failed peer on its own
+        print(f"warning (rank {os.environ.get('RANK', '0')}): process group shutdown: {exc}",
+              file=sys.stderr, flush=True)
