@@ -50,3 +50,22 @@ def test_deepspeed_backend_skips_the_shared_memory_op(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[mode] = proc.stdout.split("compatible")[-1].strip()
     assert out == {"prepared": "False", "plain": "True"}
+
+
+def test_run_main_tears_the_process_group_down_before_exit(tmp_path):
+    """A worker's process group is destroyed by run_main (not left to interpreter exit, where
+    gloo threads can abort the rank), for a successful main and for a failing one."""
+    probe = (
+        "import sys, torch.distributed as dist\n"
+        "from megatron.training.runtime import run_main\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/pg', rank=0,"
+        " world_size=1)\n"
+        "import atexit\n"
+        "atexit.register(lambda: print('initialized at exit', dist.is_initialized()))\n"
+        "run_main(lambda: int(sys.argv[1]))\n"
+    )
+    for code in (0, 3):
+        proc = subprocess.run([sys.executable, "-c", probe, str(code)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == code, proc.stderr[-2000:]
+        assert "initialized at exit False" in proc.stdout
