@@ -35,11 +35,11 @@ from bench_train import (  # noqa: E402
     RUN_DIR,
     Case,
     config_values,
-    cpu_peak,
     ensure_data,
     free_port,
     write_config,
 )
+from machine import cpu_peak  # noqa: E402
 
 
 def tree_bytes(path: Path) -> int:

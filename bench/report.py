@@ -406,6 +406,7 @@ def render() -> str:
         "- `bench/bench_checkpoint.py` -> `results/checkpoint.json`",
         "- `bench/step_profile.py` -> `results/step_profile.json`",
         "- `bench/bench_data.py` -> `results/data.json`",
+        "- `bench/machine.py`: the declared CPU peak, the measured GEMM rate, versions",
         "- `bench/report.py`: this file; `results/configs/`: the exact config of every run",
         "",
     ]

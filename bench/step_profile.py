@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_train import (  # noqa: E402
     Case,
     config_values,
-    cpu_peak,
     ensure_data,
     free_port,
     write_config,
 )
+from machine import cpu_peak  # noqa: E402
 
 
 def timeit(fn: Any, repeat: int) -> dict[str, float]:
