@@ -75,7 +75,7 @@ def init_distributed(backend: str, timeout_minutes: int = 30) -> None:
     import deepspeed
 
     quiet_deepspeed()
-    prepare_deepspeed_comm()  # also for a process group made elsewhere: deepspeed.initialize
+    prepare_deepspeed_comm()  # before DeepSpeed builds its backend (here or in initialize)
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
