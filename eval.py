@@ -9,7 +9,7 @@ table is printed on rank 0 (see docs/generation.md).
 """
 
 from megatron.evaluation.runner import main
-from megatron.training.runtime import run_main
+from megatron.runtime import run_main
 
 if __name__ == "__main__":
     run_main(main)

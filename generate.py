@@ -9,8 +9,8 @@ generation (see docs/generation.md). For one process without the launcher:
 ``python generate.py configs/x.yml configs/text_generation.yml``.
 """
 
+from megatron.runtime import run_main
 from megatron.text_generation.runner import main
-from megatron.training.runtime import run_main
 
 if __name__ == "__main__":
     run_main(main)

@@ -6,8 +6,8 @@
 or, for one process without the launcher, ``python train.py configs/tiny_neox.yml ...``.
 """
 
+from megatron.runtime import run_main
 from megatron.training.loop import train
-from megatron.training.runtime import run_main
 
 if __name__ == "__main__":
     run_main(train)

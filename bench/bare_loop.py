@@ -40,12 +40,12 @@ import torch  # noqa: E402
 from megatron.model import GPTModel, lm_loss  # noqa: E402
 from megatron.neox_arguments import RunFacts, load_config_files, resolve_config  # noqa: E402
 from megatron.parallel import ParallelState  # noqa: E402
+from megatron.runtime import tokenizer_from_config  # noqa: E402
 from megatron.training.data_setup import (  # noqa: E402
     build_datasets,
     lm_batch,
     loader,
     sample_budget,
-    tokenizer_from_config,
 )
 from megatron.training.lr_schedule import build_lr_scheduler  # noqa: E402
 from megatron.training.optimizers import optimizer_kwargs, param_groups  # noqa: E402

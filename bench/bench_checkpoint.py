@@ -3,7 +3,7 @@
     python bench/bench_checkpoint.py            # the ~30M model (fp32, AdamW state included)
     python bench/bench_checkpoint.py --quick    # the ~7M model
 
-One rank in this process, through the trainer's own objects: ``megatron.training.runtime.start``
+One rank in this process, through the trainer's own objects: ``megatron.runtime.start``
 on a config file (as ``python train.py config.yml`` does), ``build_engine``, ``Trainer``, two
 real training steps on the pydocs dataset (so the optimizer state exists), then
 ``Trainer.save()`` (DeepSpeed's ``save_checkpoint``, RNG states, config files, manifest,
@@ -74,24 +74,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from megatron.runtime import start
     from megatron.training.data_setup import (
         build_datasets,
         loader,
         sample_budget,
-        tokenizer_from_config,
     )
     from megatron.training.engine_setup import build_engine
     from megatron.training.loop import Trainer
     from megatron.training.metrics_setup import build_metrics
-    from megatron.training.runtime import start
 
     rt = start([str(cfg_path)], purpose="train")
-    tok = tokenizer_from_config(rt.cfg)
-    cfg = rt.cfg.with_vocab_size(tok.vocab_size)
+    cfg = rt.cfg
     budget = sample_budget(cfg)
-    metrics = build_metrics(cfg, rt, budget)
-    engine = build_engine(cfg, rt, budget.train_iters)
-    trainer = Trainer(rt, cfg, engine, budget, tok, metrics)
+    rt = rt.with_cfg(cfg.replace_section("training", train_iters=budget.train_iters))
+    cfg = rt.cfg
+    metrics = build_metrics(rt)
+    engine = build_engine(rt)
+    trainer = Trainer(rt, engine, budget, metrics)
     train_set, _, _ = build_datasets(cfg, budget)
     batches = trainer._micro_batches(iter(loader(train_set, cfg, rt.state, 0)))
     for _ in range(2):

@@ -174,7 +174,7 @@ def model_numbers(values: dict[str, Any]) -> dict[str, Any]:
     """Parameters and FLOPs/token of a config, resolved as the trainer resolves it."""
     from megatron.model_size import flops_per_token, parameter_count
     from megatron.neox_arguments import RunFacts, merge_configs, resolve_config
-    from megatron.training.data_setup import tokenizer_from_config
+    from megatron.runtime import tokenizer_from_config
 
     merged = merge_configs([("bench", values)])
     cfg = resolve_config(merged, RunFacts(world_size=values["num_gpus"], gpu=False,

@@ -77,17 +77,17 @@ def profile_model(model: str, pairs: int, steps: int, repeat: int) -> dict[str, 
 
     from megatron.model import GPTModel
     from megatron.parallel import ParallelState
+    from megatron.runtime import start
     from megatron.training.control import _grads_finite
     from megatron.training.data_setup import (
         build_datasets,
         loader,
         sample_budget,
-        tokenizer_from_config,
     )
-    from megatron.training.engine_setup import build_engine, check_grads, global_grad_norm
+    from megatron.training.engine_setup import build_engine
+    from megatron.training.grad_norm import check_grads, global_grad_norm
     from megatron.training.loop import Trainer
     from megatron.training.metrics_setup import build_metrics
-    from megatron.training.runtime import start
 
     case = Case(f"profile-{model}", model, "fp32", 8 if model == "7M" else 2, interval=1000,
                 intervals=1, reps=1, dp2=False)
@@ -96,16 +96,17 @@ def profile_model(model: str, pairs: int, steps: int, repeat: int) -> dict[str, 
                            peak_tflops=cpu_peak()["tflops"], train_iters=10_000, interval=1000)
     cfg_path = write_config(name, values)
     rt = start([str(cfg_path)], purpose="train")
-    tok = tokenizer_from_config(rt.cfg)
-    cfg = rt.cfg.with_vocab_size(tok.vocab_size)
+    cfg = rt.cfg
     budget = sample_budget(cfg)
-    metrics = build_metrics(cfg, rt, budget)
-    engine = build_engine(cfg, rt, budget.train_iters)
-    trainer = Trainer(rt, cfg, engine, budget, tok, metrics)
+    rt = rt.with_cfg(cfg.replace_section("training", train_iters=budget.train_iters))
+    cfg = rt.cfg
+    metrics = build_metrics(rt)
+    engine = build_engine(rt)
+    trainer = Trainer(rt, engine, budget, metrics)
     train_set, _, _ = build_datasets(cfg, budget)
     batches = trainer._micro_batches(iter(loader(train_set, cfg, rt.state, 0)))
 
-    data = bare_loop.batches(cfg, tok, 64)
+    data = bare_loop.batches(cfg, rt.tokenizer, 64)
     torch.manual_seed(cfg.training.seed)
     bare_model = GPTModel(cfg.model, cfg.act_ckpt,
                           padded_vocab_size=cfg.tokenizer.padded_vocab_size,
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     # One process builds several trainers: initialize torch.distributed once.
-    from megatron.training.runtime import init_distributed
+    from megatron.runtime.distributed import init_distributed
 
     init_distributed("gloo")
     for model in models:

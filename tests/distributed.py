@@ -186,7 +186,7 @@ def _child_main(
         import torch
 
         torch.set_num_threads(1)
-        from megatron.training.runtime import prepare_deepspeed_comm
+        from megatron.runtime.distributed import prepare_deepspeed_comm
 
         prepare_deepspeed_comm()  # as train.py does before deepspeed.initialize
         fn, args, kwargs = pickle.loads(payload)

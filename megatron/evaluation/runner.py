@@ -78,14 +78,12 @@ def write_results(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None, *, stdout: IO[str] | None = None) -> int:
     """eval.py: start up, load the checkpoint, run the tasks, write and print the results."""
     from megatron.evaluation.adapter import NeoXEvalAdapter
+    from megatron.runtime import start
     from megatron.text_generation.generation import TokenGenerator
     from megatron.text_generation.model_setup import load_inference_model
-    from megatron.training.data_setup import tokenizer_from_config
-    from megatron.training.runtime import start
 
     rt = start(argv, purpose="eval")
-    tokenizer = tokenizer_from_config(rt.cfg)
-    cfg = rt.cfg.with_vocab_size(tokenizer.vocab_size)
+    cfg, tokenizer = rt.cfg, rt.tokenizer
     out = stdout or sys.stdout
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     log = (lambda msg: print(msg, file=out, flush=True)) if rank0 else (lambda msg: None)

@@ -119,7 +119,7 @@ def norm_parameter_count(model: ModelArgs, dim: int) -> int:
 
 def mark_sequence_parallel(module: nn.Module) -> None:
     """Flag ``module``'s parameters as used on sequence-parallel activations: each rank's
-    gradient is partial and must be summed over the tensor-parallel group after backward
-    (:func:`megatron.parallel.allreduce_sequence_parallel_grads`)."""
+    gradient is partial and is summed over the tensor-parallel group during backward
+    (:func:`megatron.parallel.register_sequence_parallel_grad_hooks`)."""
     for p in module.parameters():
         p.sequence_parallel = True  # type: ignore[attr-defined]

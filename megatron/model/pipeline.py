@@ -18,9 +18,9 @@ entries. With tied embeddings DeepSpeed keeps one copy of the word embedding on 
 last stage and sums their gradients (a last stage builds it without the position embeddings);
 the T5 bias table is tied the same way across stages.
 
-Sequence parallelism: :class:`GPTPipelineModule` adds the sequence-parallel parameters (norms,
-row-parallel biases) to the gradients DeepSpeed all-reduces after the last micro-batch, each over
-the tensor-parallel group, so no trainer hook is needed.
+Sequence parallelism: the gradients of the sequence-parallel parameters (norms, row-parallel
+biases) are summed over the tensor-parallel group by the hooks of
+:func:`megatron.parallel.layers.register_sequence_parallel_grad_hooks`, as in the plain model.
 
 :func:`pipeline_to_model_state_dict` / :func:`model_to_pipeline_state_dict` translate between the
 pipeline's state-dict names (``tied_modules.embed.*``, ``<spec index>.*``) and the plain model's.
@@ -159,8 +159,7 @@ class TrackedCheckpoint:
 
 
 class GPTPipelineModule(PipelineModule):
-    """``PipelineModule`` that also all-reduces sequence-parallel gradients over the
-    tensor-parallel group where DeepSpeed reduces the tied weights' gradients."""
+    """``PipelineModule`` with the parallel state and this model's stage partitioning."""
 
     def __init__(self, layers: list[Any], *, state: ParallelState, **kwargs: Any) -> None:
         super().__init__(layers=layers, **kwargs)
@@ -176,15 +175,6 @@ class GPTPipelineModule(PipelineModule):
                 names = [spec.typename.__name__ for spec in self._layer_specs[first:stop]]
                 logger.info("pipeline stage %d: specs %d-%d %s", s, first, stop - 1, names)
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    def get_tied_weights_and_groups(self) -> list[tuple[torch.Tensor, Any]]:
-        pairs = list(super().get_tied_weights_and_groups())
-        if self.parallel_state.tp_size > 1:
-            group = self.parallel_state.tp_group
-            pairs += [
-                (p, group) for p in self.parameters() if getattr(p, "sequence_parallel", False)
-            ]
-        return pairs
 
 
 # ----------------------------------------------------------------------------- layout

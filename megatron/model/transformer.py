@@ -18,7 +18,8 @@ Three residual forms (``x`` the layer input, ``drop`` = hidden dropout):
 
 With sequence parallelism the norms and dropouts see this rank's part of the sequence: their
 dropout masks come from the tracker's model-parallel stream and the norm parameters are marked
-for the gradient all-reduce (:func:`megatron.parallel.allreduce_sequence_parallel_grads`).
+for the gradient all-reduce
+(:func:`megatron.parallel.register_sequence_parallel_grad_hooks`).
 """
 
 from __future__ import annotations

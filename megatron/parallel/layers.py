@@ -21,7 +21,7 @@ weight-decay grouping:
   :func:`split_tensor`);
 * ``sequence_parallel`` -- True for replicated parameters used on sequence-parallel
   activations, whose gradients must be summed over the tensor-parallel group
-  (:func:`allreduce_sequence_parallel_grads`).
+  (:func:`register_sequence_parallel_grad_hooks`).
 """
 
 from __future__ import annotations
@@ -123,26 +123,6 @@ def param_is_not_tp_duplicate(param: torch.Tensor, state: ParallelState) -> bool
     """Whether this rank's copy of ``param`` counts in a gradient norm: shards always do,
     replicated parameters only on tensor-parallel rank 0."""
     return is_tensor_parallel(param) or state.tp_rank == 0
-
-
-def allreduce_sequence_parallel_grads(module: nn.Module, state: ParallelState) -> None:
-    """Sum over the tensor-parallel group the gradients of parameters marked
-    ``sequence_parallel`` (each rank only saw its part of the sequence)."""
-    if state.tp_size == 1:
-        return
-    grads = [
-        p.grad
-        for p in module.parameters()
-        if getattr(p, "sequence_parallel", False) and p.grad is not None
-    ]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=state.tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def register_sequence_parallel_grad_hooks(module: nn.Module, state: ParallelState) -> int:

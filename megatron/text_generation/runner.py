@@ -159,12 +159,10 @@ class Session:
 def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None,
          stdout: IO[str] | None = None) -> int:
     """generate.py: start up, load the checkpoint named by ``load``, generate."""
-    from megatron.training.data_setup import tokenizer_from_config
-    from megatron.training.runtime import start
+    from megatron.runtime import start
 
     rt = start(argv, purpose="generate")
-    tokenizer = tokenizer_from_config(rt.cfg)
-    cfg = rt.cfg.with_vocab_size(tokenizer.vocab_size)
+    cfg, tokenizer = rt.cfg, rt.tokenizer
     out = stdout or sys.stdout
     log = (lambda msg: print(msg, file=out, flush=True)) if _is_rank0() else (lambda msg: None)
     model = load_inference_model(cfg, rt.state, rt.device, tracker=rt.tracker, log=log)

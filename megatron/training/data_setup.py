@@ -1,4 +1,4 @@
-"""Tokenizer, datasets and loaders for training, wired from the config sections."""
+"""Datasets, loaders and the sample budget for training, wired from the config sections."""
 
 from __future__ import annotations
 
@@ -15,16 +15,6 @@ from megatron.data.masks import prepare_lm_batch
 from megatron.data.samplers import build_data_loader
 from megatron.neox_arguments import ConfigError, NeoXConfig
 from megatron.parallel.state import ParallelState
-from megatron.tokenizer import build_tokenizer
-
-
-def tokenizer_from_config(cfg: NeoXConfig) -> Any:
-    tok = cfg.tokenizer
-    try:
-        return build_tokenizer(tok.tokenizer_type, vocab_file=tok.vocab_file,
-                               merge_file=tok.merge_file)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"tokenizer_type {tok.tokenizer_type}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ datasets and loaders positioned at the consumed-sample counts -> train -> test.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import torch
 
 from megatron import accelerator
 from megatron.checkpointing import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
-from megatron.neox_arguments import NeoXConfig
+from megatron.runtime import Runtime, start
 from megatron.training.control import StopSignal
 from megatron.training.data_setup import (
     LMBatch,
@@ -27,10 +26,9 @@ from megatron.training.data_setup import (
     lm_batch,
     loader,
     sample_budget,
-    tokenizer_from_config,
 )
-from megatron.training.engine_setup import Engine, build_engine
-from megatron.training.runtime import Runtime, start
+from megatron.training.engine import Engine
+from megatron.training.engine_setup import build_engine
 
 
 @dataclass
@@ -56,20 +54,17 @@ class Progress:
         }
 
 
-def _timed(timers: Any, name: str) -> Any:
-    """A timer context for the wall-clock breakdown, or nothing when it is off."""
-    return timers(name).timing() if timers is not None else contextlib.nullcontext()
-
-
 class Trainer:
-    def __init__(self, rt: Runtime, cfg: NeoXConfig, engine: Engine, budget: SampleBudget,
-                 tokenizer: Any, metrics: Any):
-        self.rt, self.cfg, self.engine, self.budget = rt, cfg, engine, budget
-        self.tokenizer, self.metrics = tokenizer, metrics
+    """Runs the steps, evaluations and checkpoints of one training run over an
+    :class:`~megatron.training.engine.Engine` (the same code for every parallel layout)."""
+
+    def __init__(self, rt: Runtime, engine: Engine, budget: SampleBudget, metrics: Any):
+        self.rt, self.cfg, self.engine, self.budget = rt, rt.cfg, engine, budget
+        self.tokenizer, self.metrics = rt.tokenizer, metrics
         self.progress = Progress()
         self.guard = engine.guard
-        self.stop = StopSignal(cfg.training.save_on_signal)
-        self.inject = set(cfg.training.inject_nonfinite_loss_iters or ())
+        self.stop = StopSignal(self.cfg.training.save_on_signal)
+        self.inject = set(self.cfg.training.inject_nonfinite_loss_iters or ())
         self.started = time.time()
 
     # ------------------------------------------------------------------ checkpoints
@@ -93,10 +88,9 @@ class Trainer:
             kill_before_complete=self.progress.iteration in
             (self.cfg.training.inject_kill_during_save_iters or ()))
         self.metrics.info(f"saved checkpoint at iteration {self.progress.iteration} to {ck.save}")
-        if self.engine.is_pipeline:
-            diff = self.engine.tied_weight_difference()
-            if diff is not None:
-                self.metrics.info(f"tied weights: max |difference| between stages {diff:g}")
+        line = self.engine.after_save()
+        if line is not None:
+            self.metrics.info(line)
 
     def load(self) -> None:
         ck = self.cfg.checkpoint
@@ -140,42 +134,12 @@ class Trainer:
             yield lm_batch(raw, self.cfg, eod, self.rt.device)
 
     def train_step(self, batches: Iterator[LMBatch]) -> tuple[float, bool]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro batches."""
-        eng = self.engine
-        inject = self.progress.iteration + 1 in self.inject and eng.inject_here
-        measure = (self.progress.iteration + 1) % self.cfg.logging.log_interval == 0
-        if eng.is_pipeline:
-            eng.loss_hook.inject = inject
-            loss = eng.ds.train_batch(data_iter=eng.pipeline_inputs(batches))
-            value = float(loss.detach().float())
-        else:
-            gas = self.cfg.training.gradient_accumulation_steps or 1
-            timers = eng.timers if self.cfg.ds.wall_clock_breakdown else None
-            losses = []
-            for i in range(gas):
-                with _timed(timers, "data"):
-                    batch = next(batches)
-                with _timed(timers, "forward"):
-                    loss = eng.forward_loss(batch)
-                if inject and i == 0:
-                    loss = loss * float("nan")
-                self.guard.note_loss(loss)
-                with _timed(timers, "backward"):
-                    eng.ds.backward(loss)
-                losses.append(loss.detach())
-                with _timed(timers, "optimizer"):
-                    if i == gas - 1:
-                        # one pass over the gradients: the guard's verdict, the norm to clip
-                        # by and, at log steps, the logged norm
-                        finite = eng.before_step(measure_norm=measure)
-                        self.guard.decide(grads_finite=finite)
-                    eng.ds.step()
-            total = 0.0
-            for loss in losses:  # read after the update: no host sync per micro batch
-                total += float(loss)
-            value = total / gas
-        skipped = self.guard.end_step()
-        return value, skipped
+        """One optimizer step; returns its loss and whether the step guard skipped it."""
+        iteration = self.progress.iteration + 1
+        loss = self.engine.train_step(
+            batches, inject=iteration in self.inject and self.engine.inject_here,
+            measure_norm=iteration % self.cfg.logging.log_interval == 0)
+        return loss, self.guard.end_step()
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -183,19 +147,13 @@ class Trainer:
         if it is None:
             return None
         eng, t = self.engine, self.cfg.training
-        eng.ds.eval()
+        eng.eval()
         batches = self._micro_batches(it)
-        losses = []
+        losses: list[float] = []
         for _ in range(t.eval_iters):
-            if eng.is_pipeline:
-                losses.append(float(eng.ds.eval_batch(data_iter=eng.pipeline_inputs(batches))))
-            else:
-                gas = t.gradient_accumulation_steps or 1
-                losses += [float(eng.forward_loss(next(batches))) for _ in range(gas)]
-        eng.ds.train()
-        loss = sum(losses) / max(1, len(losses))
-        if not eng.is_pipeline:
-            loss = eng.dp_mean(loss)
+            losses += eng.eval_losses(batches)
+        eng.train()
+        loss = eng.mean_loss(sum(losses) / max(1, len(losses)))
         if name == "validation":
             self.progress.consumed_valid_samples += t.eval_iters * (t.train_batch_size or 0)
         self.metrics.log_eval(self.progress.iteration, loss, split=name)
@@ -211,7 +169,7 @@ class Trainer:
         batches = self._micro_batches(train_it)
         valid_it = cycle_from(valid_set, cfg, self.rt.state, p.consumed_valid_samples) \
             if t.do_valid else None
-        self.engine.ds.train()
+        self.engine.train()
         if p.iteration == 0 and 0 in (cfg.checkpoint.extra_save_iters or ()):
             self.save()  # the initial weights (Pythia-style step 0 checkpoint)
         p.interval_start, p.interval_iters = time.time(), 0
@@ -253,9 +211,7 @@ class Trainer:
     def log_training(self) -> None:
         p, eng = self.progress, self.engine
         elapsed = time.time() - p.interval_start
-        loss = p.loss_sum / p.loss_count if p.loss_count else float("nan")
-        if not eng.is_pipeline:
-            loss = eng.dp_mean(loss)
+        loss = eng.mean_loss(p.loss_sum / p.loss_count if p.loss_count else float("nan"))
         self.metrics.log_train(
             p.iteration, lm_loss=loss, lr=eng.scheduler.get_lr(), grad_norm=eng.grad_norm(),
             loss_scale=eng.loss_scale(), step_time_s=elapsed / max(1, p.interval_iters),
@@ -270,20 +226,20 @@ class Trainer:
 
 def train(argv: list[str] | None = None) -> int:
     rt = start(argv, purpose="train")
-    tokenizer = tokenizer_from_config(rt.cfg)
-    cfg = rt.cfg.with_vocab_size(tokenizer.vocab_size)
-    budget = sample_budget(cfg)
+    budget = sample_budget(rt.cfg)
+    # train_epochs decides the length once the data is known; from here on one config says it
+    rt = rt.with_cfg(rt.cfg.replace_section("training", train_iters=budget.train_iters))
     from megatron.training.metrics_setup import build_metrics
 
-    metrics = build_metrics(cfg, rt, budget)
-    engine = build_engine(cfg, rt, budget.train_iters)
-    trainer = Trainer(rt, cfg, engine, budget, tokenizer, metrics)
+    metrics = build_metrics(rt)
+    engine = build_engine(rt)
+    trainer = Trainer(rt, engine, budget, metrics)
     trainer.load()
-    train_set, valid_set, test_set = build_datasets(cfg, budget)
+    train_set, valid_set, test_set = build_datasets(rt.cfg, budget)
     try:
         reason = trainer.train(train_set, valid_set)
-        if reason == "done" and cfg.training.do_test and test_set is not None:
-            trainer.evaluate(cycle_from(test_set, cfg, rt.state, 0), "test")
+        if reason == "done" and rt.cfg.training.do_test and test_set is not None:
+            trainer.evaluate(cycle_from(test_set, rt.cfg, rt.state, 0), "test")
     finally:
         trainer.stop.restore()
         metrics.close()

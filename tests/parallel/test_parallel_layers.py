@@ -14,10 +14,10 @@ from megatron.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    allreduce_sequence_parallel_grads,
     gather_tensor,
     merge_shards,
     param_is_not_tp_duplicate,
+    register_sequence_parallel_grad_hooks,
     shard_tensor,
     split_tensor,
 )
@@ -167,6 +167,7 @@ def _check_mlp(state: ParallelState, rank: int) -> None:
         out_d = d2(F.gelu(d1(xd)))
         out_d.backward(up)
         if sp:  # activations split along the sequence outside the TP region
+            register_sequence_parallel_grad_hooks(torch.nn.ModuleList([p1, p2]), state)
             xp = x.chunk(2, 0)[rank].clone().requires_grad_()
             out_p = p2(F.gelu(p1(xp)))
             assert out_p.shape == (2, 3, 8)
@@ -174,8 +175,6 @@ def _check_mlp(state: ParallelState, rank: int) -> None:
             out_p.backward(up.chunk(2, 0)[rank])
             assert_close(xp.grad, xd.grad.chunk(2, 0)[rank], **TOL)
             assert p2.bias.sequence_parallel
-            module = torch.nn.ModuleList([p1, p2])
-            allreduce_sequence_parallel_grads(module, state)
         else:
             xp = x.clone().requires_grad_()
             out_p = p2(F.gelu(p1(xp)))

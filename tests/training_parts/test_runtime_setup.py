@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from megatron.training.runtime import SHM_COMM_OP, clear_stale_build_locks
+from megatron.runtime.distributed import SHM_COMM_OP, clear_stale_build_locks
 
 
 def test_stale_build_locks_are_removed_and_fresh_ones_kept(tmp_path, monkeypatch, capsys):
@@ -37,7 +37,7 @@ def test_deepspeed_backend_skips_the_shared_memory_op(tmp_path):
     compile, no /dev/shm segment); without it, it does build the op."""
     probe = (
         "import sys, deepspeed.comm.torch as t\n"
-        "from megatron.training.runtime import prepare_deepspeed_comm\n"
+        "from megatron.runtime.distributed import prepare_deepspeed_comm\n"
         "if sys.argv[1] == 'prepared': prepare_deepspeed_comm()\n"
         "import deepspeed.ops\n"
         f"print('compatible', deepspeed.ops.__compatible_ops__['{SHM_COMM_OP}'])\n"
@@ -57,7 +57,7 @@ def test_run_main_tears_the_process_group_down_before_exit(tmp_path):
     gloo threads can abort the rank), for a successful main and for a failing one."""
     probe = (
         "import sys, torch.distributed as dist\n"
-        "from megatron.training.runtime import run_main\n"
+        "from megatron.runtime import run_main\n"
         f"dist.init_process_group('gloo', init_method='file://{tmp_path}/pg', rank=0,"
         " world_size=1)\n"
         "import atexit\n"

@@ -12,13 +12,10 @@ import torch
 
 from megatron.data.masks import prepare_lm_batch
 from megatron.parallel.state import ParallelState
+from megatron.runtime.distributed import local_world_size
 from megatron.training.control import StepGuard, grad_norms
-from megatron.training.engine_setup import (
-    NormClipper,
-    _single_replica_reduction_is_identity,
-    check_grads,
-)
-from megatron.training.runtime import local_world_size
+from megatron.training.engine_setup import _single_replica_reduction_is_identity
+from megatron.training.grad_norm import NormClipper, check_grads
 
 
 def _model_with_grads(seed: int = 0, scale: float = 1.0) -> torch.nn.Module:

@@ -1,53 +1,22 @@
-"""Process start-up for the worker scripts: config, distributed init, parallel state, seeds.
-
-``start(argv)`` is the first thing train.py / generate.py / eval.py call. It decodes the
-config deepy.py passed, initializes ``torch.distributed`` through DeepSpeed with the
-accelerator's backend (gloo on CPU ranks, NCCL on GPUs; MPI or Slurm discovery when asked),
-builds the :class:`ParallelState` from the rank topology and seeds every RNG.
-"""
+"""Distributed start-up and shutdown of a worker process: cluster discovery (MPI, Slurm),
+``torch.distributed`` through DeepSpeed, CPU threads per rank, and the teardown at exit."""
 
 from __future__ import annotations
 
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from megatron import accelerator
-from megatron.neox_arguments import ConfigError, NeoXConfig, RunFacts, purpose_of, resolve_config
-from megatron.neox_arguments.cli import worker_merged_config
-from megatron.parallel.random import RNGStatesTracker, model_parallel_seed
-from megatron.parallel.state import ParallelState
-from megatron.parallel.topology import RankTopology
+from megatron.neox_arguments import NeoXConfig
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """What every worker knows after start-up."""
-
-    cfg: NeoXConfig
-    state: ParallelState
-    tracker: RNGStatesTracker
-    local_rank: int
-    device: torch.device
-
-    @property
-    def rank(self) -> int:
-        return self.state.rank
-
-    @property
-    def is_logging_rank(self) -> bool:
-        return self.state.rank == 0
-
-
-def _discover_from_environment(cfg_values: dict[str, Any]) -> None:
+def discover_from_environment(cfg_values: dict[str, Any]) -> None:
     """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from MPI or Slurm when asked."""
     if cfg_values.get("deepspeed_slurm") and "SLURM_PROCID" in os.environ:
         from megatron.training.cluster_env import slurm_environment
@@ -167,57 +136,6 @@ def local_world_size() -> int:
     nodes = int(os.environ.get("NNODES", "") or os.environ.get("CROSS_SIZE", "") or 1)
     return max(1, int(os.environ.get("WORLD_SIZE", "1")) // max(1, nodes))
 
-
-def seed_everything(seed: int, state: ParallelState) -> RNGStatesTracker:
-    """Seed python, numpy and torch identically on all ranks; the tracker adds the
-    model-parallel streams (dropout inside tensor-parallel regions differs per shard)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    accelerator.manual_seed_all(seed)
-    return model_parallel_seed(seed, state)
-
-
-def start(argv: list[str] | None = None, *, purpose: str | None = None) -> Runtime:
-    """Decode the config, initialize distributed state and seeds for a worker process."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    merged, local_rank = worker_merged_config(argv)
-    _discover_from_environment(merged.values)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    purpose = purpose or purpose_of(sys.argv[0])
-    cfg = resolve_config(merged, RunFacts(world_size=world, gpu=accelerator.is_gpu(),
-                                          launching=True, purpose=purpose))
-    local_rank = int(local_rank if local_rank is not None else os.environ.get("LOCAL_RANK", 0))
-    os.environ["LOCAL_RANK"] = str(local_rank)
-    accelerator.set_device(local_rank)
-    set_cpu_threads(cfg)
-    init_distributed(cfg.other.distributed_backend or accelerator.communication_backend())
-    rank = torch.distributed.get_rank()
-    topology = RankTopology(world, cfg.parallelism.model_parallel_size,
-                            max(cfg.parallelism.pipe_parallel_size, 1))
-    state = ParallelState.initialize(topology, rank,
-                                     sequence_parallel=cfg.parallelism.sequence_parallel)
-    tracker = seed_everything(cfg.training.seed, state)
-    return Runtime(cfg=cfg, state=state, tracker=tracker, local_rank=local_rank,
-                   device=accelerator.device(local_rank))
-
-
-def run_main(main: Any) -> None:
-    """Run a worker's main; configuration problems end with one line and status 2."""
-    from megatron.checkpointing import CheckpointError
-    from megatron.training.control import NonFiniteError
-
-    try:
-        code = main()
-    except (ConfigError, CheckpointError) as exc:
-        rank = os.environ.get("RANK", "0")
-        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
-        code = 2
-    except NonFiniteError as exc:
-        rank = os.environ.get("RANK", "0")
-        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
-        code = 3
-    shutdown_distributed(synchronize=not code)
-    sys.exit(code or 0)
 
 
 def shutdown_distributed(synchronize: bool) -> None:

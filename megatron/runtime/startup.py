@@ -1,0 +1,129 @@
+"""Process start-up for the worker scripts: config, distributed init, parallel state, seeds,
+tokenizer.
+
+``start(argv)`` is the first thing train.py / generate.py / eval.py call. It decodes the
+config deepy.py passed, initializes ``torch.distributed`` through DeepSpeed with the
+accelerator's backend (gloo on CPU ranks, NCCL on GPUs; MPI or Slurm discovery when asked),
+builds the :class:`ParallelState` from the rank topology, seeds every RNG and loads the
+tokenizer. The returned :class:`Runtime` holds the one resolved config of the process (with the
+padded vocabulary of that tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron import accelerator
+from megatron.neox_arguments import ConfigError, NeoXConfig, RunFacts, purpose_of, resolve_config
+from megatron.neox_arguments.cli import worker_merged_config
+from megatron.parallel.random import RNGStatesTracker, model_parallel_seed
+from megatron.parallel.state import ParallelState
+from megatron.parallel.topology import RankTopology
+from megatron.runtime.distributed import (
+    discover_from_environment,
+    init_distributed,
+    set_cpu_threads,
+    shutdown_distributed,
+)
+from megatron.tokenizer import build_tokenizer
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every worker knows after start-up."""
+
+    cfg: NeoXConfig
+    state: ParallelState
+    tracker: RNGStatesTracker
+    local_rank: int
+    device: torch.device
+    tokenizer: Any = None
+
+    @property
+    def rank(self) -> int:
+        return self.state.rank
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.state.rank == 0
+
+    def with_cfg(self, cfg: NeoXConfig) -> Runtime:
+        """The same runtime with a config that a later start-up step completed (the training
+        length that ``train_epochs`` decides)."""
+        return dataclasses.replace(self, cfg=cfg)
+
+
+def tokenizer_from_config(cfg: NeoXConfig) -> Any:
+    """The tokenizer the config names; a missing file or unknown type is a ``ConfigError``."""
+    tok = cfg.tokenizer
+    try:
+        return build_tokenizer(tok.tokenizer_type, vocab_file=tok.vocab_file,
+                               merge_file=tok.merge_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tokenizer_type {tok.tokenizer_type}: {exc}") from None
+
+
+def seed_everything(seed: int, state: ParallelState) -> RNGStatesTracker:
+    """Seed python, numpy and torch identically on all ranks; the tracker adds the
+    model-parallel streams (dropout inside tensor-parallel regions differs per shard)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    accelerator.manual_seed_all(seed)
+    return model_parallel_seed(seed, state)
+
+
+def start(argv: list[str] | None = None, *, purpose: str | None = None,
+          tokenizer: bool = True) -> Runtime:
+    """Decode the config, initialize distributed state and seeds for a worker process, and
+    (``tokenizer``) load the tokenizer and size the vocabulary for it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    merged, local_rank = worker_merged_config(argv)
+    discover_from_environment(merged.values)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    purpose = purpose or purpose_of(sys.argv[0])
+    cfg = resolve_config(merged, RunFacts(world_size=world, gpu=accelerator.is_gpu(),
+                                          launching=True, purpose=purpose))
+    local_rank = int(local_rank if local_rank is not None else os.environ.get("LOCAL_RANK", 0))
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    accelerator.set_device(local_rank)
+    set_cpu_threads(cfg)
+    init_distributed(cfg.other.distributed_backend or accelerator.communication_backend())
+    rank = torch.distributed.get_rank()
+    topology = RankTopology(world, cfg.parallelism.model_parallel_size,
+                            max(cfg.parallelism.pipe_parallel_size, 1))
+    state = ParallelState.initialize(topology, rank,
+                                     sequence_parallel=cfg.parallelism.sequence_parallel)
+    tracker = seed_everything(cfg.training.seed, state)
+    tok = None
+    if tokenizer:
+        tok = tokenizer_from_config(cfg)
+        cfg = cfg.with_vocab_size(tok.vocab_size)
+    return Runtime(cfg=cfg, state=state, tracker=tracker, local_rank=local_rank,
+                   device=accelerator.device(local_rank), tokenizer=tok)
+
+
+def run_main(main: Any) -> None:
+    """Run a worker's main; configuration problems end with one line and status 2."""
+    from megatron.checkpointing import CheckpointError
+    from megatron.training.control import NonFiniteError
+
+    try:
+        code = main()
+    except (ConfigError, CheckpointError) as exc:
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except NonFiniteError as exc:
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        code = 3
+    shutdown_distributed(synchronize=not code)
+    sys.exit(code or 0)
