@@ -21,9 +21,9 @@ Public API (details in ``docs/model.md``)::
     load_model_state_dict_into_pipeline(pipe, state_dict, model)
     partition_pipeline_layers(specs, method, num_stages) -> stage boundaries
 
-With sequence parallelism, call
-``megatron.parallel.register_sequence_parallel_grad_hooks(model, state)`` once before training
-(for the plain model and the pipeline module alike).
+With sequence parallelism both forms register
+``megatron.parallel.register_sequence_parallel_grad_hooks`` on themselves: backward sums the
+partial gradients of the sequence-parallel parameters over the tensor-parallel group.
 
 Modules: :mod:`~megatron.model.gpt` (model, loss, KV cache), :mod:`~megatron.model.pipeline`,
 :mod:`~megatron.model.transformer` (layer and residual forms), :mod:`~megatron.model.attention`,

@@ -37,7 +37,7 @@ from megatron.neox_arguments.groups_model import (
     attention_layer_types,
 )
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron.parallel.layers import ColumnParallelLinear
+from megatron.parallel.layers import ColumnParallelLinear, register_sequence_parallel_grad_hooks
 from megatron.parallel.mappings import gather_from_tp_region
 from megatron.parallel.random import RNGStatesTracker, checkpoint
 from megatron.parallel.state import ParallelState
@@ -202,6 +202,8 @@ class GPTModel(nn.Module):
                         model.hidden_size, padded_vocab_size, state=state, bias=False,
                         init_method=init, sequence_parallel_input=sp,
                     )  # fmt: skip
+        if sp:  # backward sums the sequence-parallel parameters' gradients over the TP group
+            register_sequence_parallel_grad_hooks(self, state)
 
     # ------------------------------------------------------------------ helpers
     @property

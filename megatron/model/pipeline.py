@@ -20,7 +20,8 @@ the T5 bias table is tied the same way across stages.
 
 Sequence parallelism: the gradients of the sequence-parallel parameters (norms, row-parallel
 biases) are summed over the tensor-parallel group by the hooks of
-:func:`megatron.parallel.layers.register_sequence_parallel_grad_hooks`, as in the plain model.
+:func:`megatron.parallel.layers.register_sequence_parallel_grad_hooks`, which
+:func:`build_pipeline_model` registers as the plain model does.
 
 :func:`pipeline_to_model_state_dict` / :func:`model_to_pipeline_state_dict` translate between the
 pipeline's state-dict names (``tied_modules.embed.*``, ``<spec index>.*``) and the plain model's.
@@ -53,7 +54,7 @@ from megatron.neox_arguments.groups_model import (
     ParallelismArgs,
     attention_layer_types,
 )
-from megatron.parallel.layers import ColumnParallelLinear
+from megatron.parallel.layers import ColumnParallelLinear, register_sequence_parallel_grad_hooks
 from megatron.parallel.random import RNGStatesTracker, checkpoint
 from megatron.parallel.state import ParallelState
 
@@ -327,13 +328,16 @@ def build_pipeline_model(
                                  tracker=tracker, sequence_parallel=sp, init_seed=init_seed)
     interval = act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
     with preserved_rng(init_seed is not None):
-        return GPTPipelineModule(
+        module = GPTPipelineModule(
             specs, state=state, topology=state.topology.to_deepspeed(),
             loss_fn=loss_fn or PipelineLMLoss(state, fp32=not model.fp16_lm_cross_entropy),
             partition_method=parallelism.pipe_partition_method,
             activation_checkpoint_interval=interval,
             activation_checkpoint_func=TrackedCheckpoint(tracker),
         )  # fmt: skip
+    if sp and state.tp_size > 1:  # as in the plain model
+        register_sequence_parallel_grad_hooks(module, state)
+    return module
 
 
 # ------------------------------------------------------------------------------ names

@@ -18,7 +18,6 @@ import torch
 from megatron.model import build_model
 from megatron.model.pipeline import PipelineLMLoss
 from megatron.neox_arguments import ConfigError, NeoXConfig, build_deepspeed_config
-from megatron.parallel.layers import register_sequence_parallel_grad_hooks
 from megatron.parallel.state import ParallelState
 from megatron.runtime import Runtime
 from megatron.training.control import StepGuard
@@ -75,8 +74,6 @@ def build_engine(rt: Runtime) -> Engine:
                         padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
                         tracker=rt.tracker, loss_fn=loss_hook, init_seed=cfg.training.seed)
     model.to(rt.device)
-    if rt.state.sequence_parallel:
-        register_sequence_parallel_grad_hooks(model, rt.state)
     zero_stage = int((cfg.ds.zero_optimization or {}).get("stage", 0))
     try:
         built = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay))

@@ -14,7 +14,6 @@ from megatron.neox_arguments import padded_vocab_size
 from megatron.parallel import (
     ParallelState,
     RankTopology,
-    register_sequence_parallel_grad_hooks,
     split_tensor,
 )
 from tests.distributed import run_distributed
@@ -72,7 +71,6 @@ def _tp2_vs_tp1(rank: int, world: int, names: list[str]) -> list[str]:
             state = base.with_sequence_parallel(sp)
             par = build(cfg, seed=11, state=state, padded_vocab=vocab)
             assert par.sequence_parallel == sp
-            register_sequence_parallel_grad_hooks(par, state)
             # the embedding and the output layer split the padded vocabulary
             emb = par.embed.word_embeddings
             assert emb.weight.shape[0] == vocab // 2 and emb.vocab_start == rank * vocab // 2
