@@ -6,8 +6,9 @@ Entry point for the training loop::
         data_cfg, seq_length=2048, seed=1234, train_val_test_num_samples=[n_train, n_valid, n_test]
     )
 
-``data_cfg`` is any object with the GPT-NeoX data keys as attributes (missing ones take
-their defaults): ``data_path``, ``split``, ``train_data_paths``, ``valid_data_paths``,
+``data_cfg`` is the config's ``data`` section
+(:class:`~megatron.neox_arguments.groups_io.DataArgs`, whose defaults are the schema's):
+``data_path``, ``split``, ``train_data_paths``, ``valid_data_paths``,
 ``test_data_paths``, ``train_data_weights``, ``valid_data_weights``, ``test_data_weights``,
 ``train_label_data_paths``, ``valid_label_data_paths``, ``test_label_data_paths``,
 ``weight_by_num_documents``, ``weighted_sampler_alpha``, ``data_impl``, ``mmap_warmup``,
@@ -31,13 +32,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from megatron.data.blendable_dataset import BlendableDataset
 from megatron.data.gpt2_dataset import GPT2Dataset
 from megatron.data.indexed_dataset import MMapIndexedDataset, make_dataset
+
+if TYPE_CHECKING:
+    from megatron.neox_arguments.groups_io import DataArgs
 
 SPLIT_NAMES = ("train", "valid", "test")
 BLEND_MARGIN = 1.005
@@ -96,11 +100,6 @@ def normalized_weights_and_num_samples(
     return list(w), [int(math.ceil(num_samples * wi * BLEND_MARGIN)) for wi in w]
 
 
-def _cfg(cfg: Any, key: str, default: Any = None) -> Any:
-    value = getattr(cfg, key, default)
-    return default if value is None else value
-
-
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -147,7 +146,7 @@ def _build_split_from_paths(
     weights: list[float] | None,
     label_paths: list[str],
     num_samples: int,
-    cfg: Any,
+    cfg: DataArgs,
     seq_length: int,
     seed: int,
     cache_dir: str | os.PathLike | None,
@@ -165,10 +164,10 @@ def _build_split_from_paths(
         raise ValueError(
             f"{name}_label_data_paths has {len(label_paths)} entries but {name}_data_paths has {len(paths)}"
         )
-    data_impl = _cfg(cfg, "data_impl", "mmap")
-    if _cfg(cfg, "weight_by_num_documents", False):
+    data_impl = cfg.data_impl
+    if cfg.weight_by_num_documents:
         docs = [make_dataset(p, data_impl).num_documents for p in paths]
-        weights = weights_by_num_documents(docs, _cfg(cfg, "weighted_sampler_alpha", 1.0))
+        weights = weights_by_num_documents(docs, cfg.weighted_sampler_alpha)
     norm_weights, per_dataset = normalized_weights_and_num_samples(weights, num_samples)
     datasets = [
         build_the_dataset(
@@ -178,10 +177,10 @@ def _build_split_from_paths(
             seq_length,
             seed,
             data_impl=data_impl,
-            skip_warmup=not _cfg(cfg, "mmap_warmup", False),
+            skip_warmup=not cfg.mmap_warmup,
             label_prefix=label_paths[i] if label_paths else None,
             cache_dir=cache_dir,
-            use_shared_fs=_cfg(cfg, "use_shared_fs", True),
+            use_shared_fs=cfg.use_shared_fs,
             process_group=process_group,
         )
         for i, (path, n) in enumerate(zip(paths, per_dataset))
@@ -229,7 +228,7 @@ def build_train_valid_test_datasets_from_prefix(
 
 
 def build_train_valid_test_datasets(
-    data_cfg: Any,
+    data_cfg: DataArgs,
     *,
     seq_length: int,
     seed: int,
@@ -244,19 +243,19 @@ def build_train_valid_test_datasets(
     all) must call this.
     """
     if cache_dir is None:
-        cache_dir = _cfg(data_cfg, "data_cache_dir")
+        cache_dir = data_cfg.data_cache_dir
     if len(train_val_test_num_samples) != 3:
         raise ValueError("train_val_test_num_samples needs three numbers (train, valid, test)")
-    train_paths = _as_list(_cfg(data_cfg, "train_data_paths"))
+    train_paths = _as_list(data_cfg.train_data_paths)
     if train_paths:
         splits = []
         for i, name in enumerate(SPLIT_NAMES):
             splits.append(
                 _build_split_from_paths(
                     name,
-                    _as_list(_cfg(data_cfg, f"{name}_data_paths")),
-                    _cfg(data_cfg, f"{name}_data_weights"),
-                    _as_list(_cfg(data_cfg, f"{name}_label_data_paths")),
+                    _as_list(getattr(data_cfg, f"{name}_data_paths")),
+                    getattr(data_cfg, f"{name}_data_weights"),
+                    _as_list(getattr(data_cfg, f"{name}_label_data_paths")),
                     int(train_val_test_num_samples[i]),
                     data_cfg,
                     seq_length,
@@ -266,7 +265,7 @@ def build_train_valid_test_datasets(
                 )
             )
         return splits[0], splits[1], splits[2]
-    data_path = _cfg(data_cfg, "data_path")
+    data_path = data_cfg.data_path
     if not data_path:
         raise ValueError("the data config needs data_path or train_data_paths")
     if not isinstance(data_path, (str, os.PathLike)):
@@ -278,13 +277,13 @@ def build_train_valid_test_datasets(
         data_path = paths[0]
     return build_train_valid_test_datasets_from_prefix(
         os.fspath(data_path),
-        _cfg(data_cfg, "split", "969,30,1"),
+        data_cfg.split,
         [int(n) for n in train_val_test_num_samples],
         seq_length,
         seed,
-        data_impl=_cfg(data_cfg, "data_impl", "mmap"),
-        skip_warmup=not _cfg(data_cfg, "mmap_warmup", False),
+        data_impl=data_cfg.data_impl,
+        skip_warmup=not data_cfg.mmap_warmup,
         cache_dir=cache_dir,
-        use_shared_fs=_cfg(data_cfg, "use_shared_fs", True),
+        use_shared_fs=data_cfg.use_shared_fs,
         process_group=process_group,
     )

@@ -85,6 +85,8 @@ class NeoXConfig:
 
     @property
     def params_dtype_name(self) -> str:
+        """The ``torch`` dtype name of the parameters (``getattr(torch, name)``): the one
+        precision-to-dtype table."""
         return {"fp16": "float16", "bfloat16": "bfloat16"}.get(self.precision.precision or "",
                                                               "float32")
 

@@ -7,11 +7,6 @@ from typing import Literal
 
 from megatron.neox_arguments.fields import key
 
-TOKENIZER_TYPES = (
-    "GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer",
-    "TiktokenTokenizer",
-)  # fmt: skip
-
 
 @dataclass(frozen=True)
 class DataArgs:

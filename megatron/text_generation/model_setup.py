@@ -29,8 +29,6 @@ from megatron.model.gpt import GPTModel
 from megatron.neox_arguments import ConfigError, NeoXConfig
 from megatron.parallel.state import ParallelState
 
-DTYPES = {"fp16": torch.float16, "bfloat16": torch.bfloat16, "fp32": torch.float32}
-
 
 def load_weights(model: GPTModel, cfg: NeoXConfig, state: ParallelState,
                  load: str) -> CheckpointInfo:
@@ -65,7 +63,7 @@ def load_inference_model(
     model = GPTModel(cfg.model, cfg.act_ckpt, padded_vocab_size=cfg.tokenizer.padded_vocab_size,
                      state=state, tracker=tracker, sequence_parallel=False)
     info = load_weights(model, cfg, state, load)
-    dtype = DTYPES.get(cfg.precision.precision or "fp32", torch.float32)
+    dtype = getattr(torch, cfg.params_dtype_name)
     model.to(device=device, dtype=dtype)
     model.eval()
     log(f"loaded {info.layout} checkpoint {info.tag_dir} (iteration {info.iteration}, tensor "

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import types
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from megatron.data.data_utils import (
 )
 from megatron.data.gpt2_dataset import GPT2Dataset
 from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
+from megatron.neox_arguments.groups_io import DataArgs
 
 EOD = 0
 
@@ -198,7 +199,7 @@ def test_weights_by_num_documents():
 
 def test_build_from_data_path_and_split(tmp_path):
     make_corpus(tmp_path / "c", num_docs=100)
-    cfg = types.SimpleNamespace(
+    cfg = DataArgs(
         data_path=str(tmp_path / "c"), split="80, 15, 5", data_cache_dir=str(tmp_path / "cache")
     )
     train, valid, test = build_train_valid_test_datasets(
@@ -215,7 +216,7 @@ def test_build_from_data_path_and_split(tmp_path):
 def test_build_blend_from_paths(tmp_path):
     make_corpus(tmp_path / "a", num_docs=30, seed=1)
     make_corpus(tmp_path / "b", num_docs=90, seed=2)
-    cfg = types.SimpleNamespace(
+    cfg = DataArgs(
         train_data_paths=[str(tmp_path / "a"), str(tmp_path / "b")],
         train_data_weights=[3.0, 1.0],
         valid_data_paths=[str(tmp_path / "b")],
@@ -227,14 +228,12 @@ def test_build_blend_from_paths(tmp_path):
     assert test is None and len(train) == 2000 and len(valid) == 50
     counts = np.bincount(train.dataset_index, minlength=2)
     assert counts.tolist() == [1500, 500]
-    cfg.weight_by_num_documents = True
-    cfg.weighted_sampler_alpha = 1.0
+    cfg = dataclasses.replace(cfg, weight_by_num_documents=True, weighted_sampler_alpha=1.0)
     train, _, _ = build_train_valid_test_datasets(
         cfg, seq_length=16, seed=1, train_val_test_num_samples=[2000, 0, 0]
     )
     assert np.bincount(train.dataset_index, minlength=2).tolist() == [500, 1500]
-    cfg.train_data_weights = [1.0]
-    cfg.weight_by_num_documents = False
+    cfg = dataclasses.replace(cfg, train_data_weights=[1.0], weight_by_num_documents=False)
     with pytest.raises(
         ValueError, match="train_data_weights has 1 entries but train_data_paths has 2"
     ):
@@ -246,7 +245,7 @@ def test_build_blend_from_paths(tmp_path):
 def test_missing_data_config_is_an_error():
     with pytest.raises(ValueError, match="data_path or train_data_paths"):
         build_train_valid_test_datasets(
-            types.SimpleNamespace(), seq_length=8, seed=1, train_val_test_num_samples=[1, 0, 0]
+            DataArgs(), seq_length=8, seed=1, train_val_test_num_samples=[1, 0, 0]
         )
 
 
