@@ -114,7 +114,8 @@ def test_installed_package_trains_from_outside_the_source_tree(tmp_path):
     (purelib / "shared_packages.pth").write_text(shared + "\n")
     (purelib / "sitecustomize.py").write_text(RECORDER)
 
-    # not editable, no downloads: setuptools and the dependencies come from the shared packages
+    # not editable, no downloads: setuptools and the dependencies come from the shared packages;
+    # --ignore-installed: pip leaves the shared environment's install of the project alone
     run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
          "--no-cache-dir", "--ignore-installed", "--disable-pip-version-check", "-q", str(src)],
         cwd=tmp_path, env=clean_env(), timeout=600)
