@@ -211,7 +211,7 @@ def _rank_of(proc: psutil.Process) -> int | None:
     except (psutil.Error, OSError):
         return None
     if not any(c.endswith("train.py") for c in cmd) or any("rank_guard" in c for c in cmd):
-        return None  # tools/launch/rank_guard.py is the rank's small supervising parent
+        return None  # megatron.launch.rank_guard is the rank's small supervising parent
     for i, c in enumerate(cmd):
         if c.startswith("--local_rank="):
             return int(c.split("=", 1)[1])

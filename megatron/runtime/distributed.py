@@ -19,11 +19,11 @@ from megatron.neox_arguments import NeoXConfig
 def discover_from_environment(cfg_values: dict[str, Any]) -> None:
     """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from MPI or Slurm when asked."""
     if cfg_values.get("deepspeed_slurm") and "SLURM_PROCID" in os.environ:
-        from megatron.training.cluster_env import slurm_environment
+        from megatron.launch.cluster_env import slurm_environment
 
         os.environ.update(slurm_environment(os.environ, cfg_values.get("master_port", 29500)))
     elif cfg_values.get("deepspeed_mpi"):
-        from megatron.training.cluster_env import mpi_environment
+        from megatron.launch.cluster_env import mpi_environment
 
         os.environ.update(mpi_environment(os.environ, cfg_values.get("master_port", 29500)))
 

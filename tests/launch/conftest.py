@@ -1,6 +1,10 @@
-"""Launcher tests: real mpirun, pdsh over a throwaway sshd, a throwaway Slurm, per-node launches.
+"""Tests of megatron/launch: deepy.py's command line and dry runs, launch plans, the rank
+guard and the supervisor, the installed package, and the real launchers (mpirun, pdsh over a
+throwaway sshd, a throwaway Slurm, per-node launches).
 
-Every test here is marked ``launchers``. A test that needs system tools (Debian's openmpi-bin,
+The launcher tests are marked ``launchers`` (deepy.py's dry runs and the argv tests in
+test_deepy.py and test_launcher.py are not: they run in ``make test-fast``; the install test is
+``slow``). A test that needs system tools (Debian's openmpi-bin,
 openssh-server + openssh-client + pdsh, slurmctld + slurmd + slurm-client) asks for them with
 ``launch_helpers.require_tools(...)``:
 
@@ -9,7 +13,7 @@ openssh-server + openssh-client + pdsh, slurmctld + slurmd + slurm-client) asks 
   installs them, so their absence is a broken CI setup, never a silent skip;
 * elsewhere the test is skipped, and the summary says which packages to install.
 
-``pytest -m "not launchers"`` deselects the whole directory.
+``pytest -m "not launchers"`` deselects the launcher tests.
 """
 
 from __future__ import annotations

@@ -21,13 +21,9 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from local_cluster import free_port, missing
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ROOT / "tools" / "launch"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-from local_cluster import free_port, missing  # noqa: E402
 
 PACKAGES = {  # tool -> Debian package
     "mpirun": "openmpi-bin", "ompi_info": "openmpi-bin",

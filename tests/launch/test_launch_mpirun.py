@@ -97,7 +97,7 @@ def test_mpi_environment_under_mpirun(tmp_path, with_mpi4py):
         env["PYTHONPATH"] = str(hide.parent)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    code = PROBE.format(path=str(ROOT / "megatron" / "training" / "cluster_env.py"),
+    code = PROBE.format(path=str(ROOT / "megatron" / "launch" / "cluster_env.py"),
                         out=str(tmp_path))
     out = subprocess.run(["mpirun", "-n", "2", "-hostfile", str(hostfile), "--mca", "btl",
                           "self,vader,tcp", "--mca", "btl_tcp_if_include", "lo",

@@ -14,18 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from megatron.launcher import (
+from megatron.launch.cluster_env import launched_by_mpi, mpi_environment, slurm_environment
+from megatron.launch.failures import first_failure, parse_failure
+from megatron.launch.plan import (
     RANK_GUARD,
     backend_command,
-    first_failure,
     parse_env_file,
-    parse_failure,
     plan_launch,
     runner_exports,
 )
 from megatron.neox_arguments import ConfigError
 from megatron.neox_arguments.groups_deepspeed import LauncherArgs
-from megatron.training.cluster_env import launched_by_mpi, mpi_environment, slurm_environment
 
 pytestmark = pytest.mark.launchers
 
@@ -80,7 +79,7 @@ def test_openmpi_on_one_node_needs_no_ssh_and_discovers_ranks(one_local):
     assert cmd[0] == "mpirun" and opt(cmd, "-n") == "2" and opt(cmd, "-hostfile") == one_local
     assert "eth0" not in cmd and cmd[cmd.index("btl_tcp_if_include") + 1] == "lo"
     assert "MASTER_ADDR=127.0.0.1" in cmd and cmd[cmd.index("MASTER_ADDR=127.0.0.1") - 1] == "-x"
-    assert cmd[-5:] == ["-u", str(RANK_GUARD), "train.py", *ARGS]
+    assert cmd[-6:] == ["-u", "-m", str(RANK_GUARD), "train.py", *ARGS]
 
 
 def test_openmpi_on_two_nodes_uses_the_first_host_as_master(two_nodes):
@@ -297,7 +296,7 @@ def test_failure_lines_are_recognized():
 def _guard(tmp_path, body, *args, env=None):
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(body))
-    return subprocess.run([sys.executable, str(RANK_GUARD), *args, str(script), "x"],
+    return subprocess.run([sys.executable, "-m", RANK_GUARD, *args, str(script), "x"],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, **(env or {})})
 
@@ -324,7 +323,7 @@ def test_rank_guard_forwards_sigterm_and_dies_with_its_rank(tmp_path):
     script.write_text("import signal, sys, time\n"
                       "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
                       "print('ready', flush=True)\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, str(RANK_GUARD), str(script)],
+    proc = subprocess.Popen([sys.executable, "-m", RANK_GUARD, str(script)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
@@ -332,7 +331,7 @@ def test_rank_guard_forwards_sigterm_and_dies_with_its_rank(tmp_path):
     # a guard that is killed takes its rank with it (PR_SET_PDEATHSIG)
     import psutil
 
-    proc = subprocess.Popen([sys.executable, str(RANK_GUARD), str(script)],
+    proc = subprocess.Popen([sys.executable, "-m", RANK_GUARD, str(script)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     rank = psutil.Process(proc.pid).children()[0]
@@ -342,13 +341,41 @@ def test_rank_guard_forwards_sigterm_and_dies_with_its_rank(tmp_path):
     assert gone
 
 
+def test_every_launch_path_starts_the_rank_guard_as_a_module(two_nodes, tmp_path):
+    one_local = tmp_path / "one_local"
+    one_local.write_text("localhost slots=2\n")
+    guarded = ["-m", RANK_GUARD, "train.py", *ARGS]
+    local = plan(num_gpus=2, rank_guard=True)  # DeepSpeed's local launcher
+    assert local.argv[-5:] == ["--module", RANK_GUARD, "train.py", *ARGS]
+    per_node = plan(hostfile=two_nodes, no_ssh=True, node_rank=0, rank_guard=True)
+    assert per_node.argv[-5:] == ["--module", RANK_GUARD, "train.py", *ARGS]
+    pdsh = backend_command(plan(hostfile=two_nodes, master_addr="10.0.0.1", rank_guard=True), {})
+    assert "--module" in pdsh and pdsh[-4:] == [RANK_GUARD, "train.py", *ARGS]
+    mpirun = backend_command(plan(hostfile=str(one_local), launcher="openmpi", force_multi=True,
+                                  rank_guard=True), {})
+    assert mpirun[-5:] == guarded
+    slurm = plan(environ=SLURM_ALLOCATION, launcher="slurm", rank_guard=True)
+    srun = backend_command(slurm, {})
+    assert srun[0] == "srun" and srun[-6:] == ["-u", *guarded]
+    assert not any(part.endswith("rank_guard.py") for part in srun + slurm.argv)
+
+
+def test_rank_guard_module_loads_no_torch():
+    code = "import sys, megatron.launch.rank_guard; print(sorted({'torch', 'deepspeed'} & " \
+           "set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # --------------------------------------------------------------------------- deepy's supervisor
 
 SUPERVISE = """
 import sys
-import deepy
-sys.exit(deepy.supervise({argv!r}, dict(__import__("os").environ), "train.py", grace=1,
-                         kill_after=2))
+from megatron.launch.supervise import supervise
+sys.exit(supervise({argv!r}, dict(__import__("os").environ), "train.py", grace=1,
+                   kill_after=2))
 """
 
 
@@ -406,10 +433,10 @@ def test_supervisor_reports_a_failed_launcher(tmp_path):
 
 
 def test_dry_run_shows_the_multi_node_details(one_local, capsys, monkeypatch):
-    import deepy
+    from megatron.launch.cli import main
 
     monkeypatch.chdir(ROOT)
-    code = deepy.main(["--dry-run", "-H", one_local, "--launcher", "openmpi", "--force_multi",
+    code = main(["--dry-run", "-H", one_local, "--launcher", "openmpi", "--force_multi",
                        "train.py", "configs/tiny_neox.yml", "--tokenizer_type",
                        "CharLevelTokenizer", "--data_path", "/nonexistent/data"])
     out = capsys.readouterr().out

@@ -12,8 +12,9 @@ multi-node job needs to actually work (see docs/multinode.md):
 * a hostfile generated from the Slurm allocation for ``launcher: slurm`` inside ``salloc`` or
   ``sbatch``; srun's ``--kill-on-bad-exit``; Open MPI's root and loopback settings;
 * the ssh-less per-node launch (``no_ssh`` + ``node_rank``);
-* the rank guard (tools/launch/rank_guard.py) in front of the user script, which names a rank
-  that dies; :func:`parse_failure` reads its lines (and mpirun's, srun's and pdsh's).
+* the rank guard in front of the user script, run as ``python -m megatron.launch.rank_guard``
+  from the installed package, which names a rank that dies (its lines are read by
+  :mod:`megatron.launch.failures`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from megatron.neox_arguments.fields import ConfigError
 from megatron.neox_arguments.groups_deepspeed import LauncherArgs
 
 DEFAULT_HOSTFILE = "/job/hostfile"  # DeepSpeed's default location
-RANK_GUARD = Path(__file__).resolve().parents[1] / "tools" / "launch" / "rank_guard.py"
+RANK_GUARD = "megatron.launch.rank_guard"  # the module each rank runs under
 MPI_LAUNCHERS = ("openmpi", "mvapich", "mpich", "impi")
 # launchers whose ranks get no RANK/WORLD_SIZE from DeepSpeed and must discover them
 DISCOVERY_KEYS = {"openmpi": "deepspeed_mpi", "mvapich": "deepspeed_mpi",
@@ -154,7 +155,7 @@ def slurm_allocation_hostfile(environ: Mapping[str, str], *, gpu: bool,
     """A hostfile for the nodes of the current Slurm allocation (``salloc``/``sbatch``): one
     line per node, with the allocation's tasks per node as slots (GPUs per node on a GPU
     machine when the allocation does not say)."""
-    from megatron.training.cluster_env import expand_nodelist
+    from megatron.launch.cluster_env import expand_nodelist
 
     hosts = expand_nodelist(environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
                             or "")
@@ -264,8 +265,16 @@ def runner_argv(
     no_ssh_check: bool | None = None,
     force_multi: bool | None = None,
     rank_guard: str | None = None,
+    srun: bool = False,
 ) -> list[str]:
-    """The DeepSpeed runner command line for these launcher settings."""
+    """The DeepSpeed runner command line for these launcher settings.
+
+    ``rank_guard`` names a module that every rank runs under, with the user script and its
+    arguments as its own arguments: ``--module`` makes DeepSpeed's local launcher, pdsh and the
+    MPI launchers start ``python -u -m <module>``. DeepSpeed's srun command ignores
+    ``--module``, so when ``srun`` starts the ranks the runner gets ``-- -m <module>`` instead:
+    its user script is ``-m`` and srun runs ``python -u -m <module> ...`` all the same.
+    """
     argv = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     if hostfile is not None:
         argv += ["--hostfile", hostfile]
@@ -304,8 +313,10 @@ def runner_argv(
     if parts:
         argv += ["--launcher_args", " ".join(shlex.quote(p) for p in parts)]
     argv += list(extra_runner_args or [])
-    if rank_guard:
-        argv.append(rank_guard)
+    if rank_guard and srun:
+        argv += ["--", "-m", rank_guard]
+    elif rank_guard:
+        argv += ["--module", rank_guard]
     return argv + [user_script] + list(user_args)
 
 
@@ -333,7 +344,7 @@ def plan_launch(
     """Plan the launch. The keyword arguments after ``extra_runner_args`` are deepy.py's
     command-line options: ``no_ssh``/``node_rank`` for a per-node launch without ssh,
     ``launcher_args`` passed to pdsh/mpirun/srun, ``rank_guard`` to run each rank under
-    tools/launch/rank_guard.py. ``environ`` defaults to ``os.environ``."""
+    ``python -m megatron.launch.rank_guard``. ``environ`` defaults to ``os.environ``."""
     environ = os.environ if environ is None else environ
     notes: list[str] = []
     files: dict[str, str] = {}
@@ -419,11 +430,12 @@ def plan_launch(
     elif launcher != "pdsh":
         notes.append(f"launcher: {launcher} is not used: one node runs DeepSpeed's local "
                      f"launcher (--force_multi starts it through {launcher})")
-    guard = str(RANK_GUARD) if rank_guard and RANK_GUARD.is_file() else None
     argv = runner_argv(args, hostfile, user_script, user_args, gpu=gpu,
                        extra_runner_args=extra_runner_args, launcher_args=extra_launcher_args,
                        master_addr=master_addr, no_ssh=no_ssh, node_rank=node_rank,
-                       no_ssh_check=no_ssh_check, force_multi=force_multi, rank_guard=guard)
+                       no_ssh_check=no_ssh_check, force_multi=force_multi,
+                       rank_guard=RANK_GUARD if rank_guard else None,
+                       srun=multi_exec and launcher == "slurm")
     return LaunchPlan(resources, hostfile, world, argv, env, launcher=launcher,
                       multi_node_exec=multi_exec, node_rank=node_rank, master_addr=master_addr,
                       exports=exports, files=files, config_overrides=overrides,
@@ -458,68 +470,3 @@ def backend_command(plan: LaunchPlan, environ: Mapping[str, str] | None = None
         cmd, _kill, _env = runner.get_cmd(env, plan.resources)
         return [part for part in cmd if part]
     return list(runner.get_cmd(env, plan.resources))
-
-
-# --------------------------------------------------------------------------- failures
-
-
-@dataclass(frozen=True)
-class RankFailure:
-    """One line of a job's output that says a rank (or a node) failed."""
-
-    source: str  # "guard", "mpirun", "srun" or "pdsh"
-    how: str  # "was killed by SIGKILL", "exited with status 1", ...
-    rank: int | None = None
-    host: str | None = None
-    pid: int | None = None
-    after_stop: bool = False  # the rank had been asked to stop (SIGTERM) before it failed
-
-    def describe(self) -> str:
-        if self.rank is None:
-            return f"node {self.host}: {self.how}"
-        where = " ".join(p for p in (f"pid {self.pid}" if self.pid else "",
-                                      f"on {self.host}" if self.host else "") if p)
-        return f"rank {self.rank}" + (f" ({where})" if where else "") + f" {self.how}"
-
-
-_GUARD_RE = re.compile(r"\[rank-guard\] rank (\?|\d+) \(pid (\d+) on (\S+)\) "
-                       r"(was killed by \S+|exited with status \d+)(?: at \S+)?"
-                       r"(?: \(after (\w+)\))?")
-_MPIRUN_RE = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) "
-                        r"(exited on signal \d+(?: \([^)]*\))?|exited with non-zero status \d+)")
-_SRUN_RE = re.compile(r"srun: error: (\S+): tasks? (\d+)[\d,\-]*: (.+?)\s*$")
-_PDSH_RE = re.compile(r"pdsh@\S+: (\S+): ssh exited with exit code (\d+)")
-
-
-def parse_failure(line: str) -> RankFailure | None:
-    """A :class:`RankFailure` when ``line`` reports one: the rank guard's line, mpirun's
-    "process rank N ... exited on signal", srun's "task N: ...", pdsh's "ssh exited with
-    exit code N" (non-zero)."""
-    if m := _GUARD_RE.search(line):
-        rank = None if m.group(1) == "?" else int(m.group(1))
-        return RankFailure("guard", m.group(4), rank, m.group(3), int(m.group(2)),
-                           after_stop=m.group(5) is not None)
-    if m := _MPIRUN_RE.search(line):
-        pid = int(m.group(2)) or None
-        return RankFailure("mpirun", m.group(4), int(m.group(1)), m.group(3), pid)
-    if m := _SRUN_RE.search(line):
-        if m.group(3).startswith(("Terminated", "Exited with exit code 0")):
-            return None  # stopped by srun after another task failed
-        return RankFailure("srun", m.group(3), int(m.group(2)), m.group(1))
-    if (m := _PDSH_RE.search(line)) and m.group(2) != "0":
-        return RankFailure("pdsh", f"its launcher exited with status {m.group(2)}",
-                           host=m.group(1))
-    return None
-
-
-def first_failure(failures: list[RankFailure]) -> RankFailure | None:
-    """The failure to blame: the first rank that failed on its own (not while being stopped),
-    named by the rank guard when it was; else the first reported."""
-    for pick in (lambda f: f.source == "guard" and not f.after_stop,
-                 lambda f: f.rank is not None and not f.after_stop,
-                 lambda f: f.rank is not None,
-                 lambda f: True):
-        for failure in failures:
-            if pick(failure):
-                return failure
-    return None

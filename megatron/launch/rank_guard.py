@@ -1,23 +1,27 @@
-#!/usr/bin/env python
 """Run one rank of a job and report, on one line, how it ended when it did not end well.
 
-deepy.py puts this script in front of the user script on every launch path (DeepSpeed's local
-launcher, pdsh, mpirun, srun), so each rank process is started as
+deepy.py puts this module in front of the user script on every launch path (DeepSpeed's local
+launcher, pdsh, mpirun, srun, the per-node launch without ssh), so each rank process is
+started as
 
-    python -u tools/launch/rank_guard.py [--local_rank=N] train.py --neox_config ...
+    python -u -m megatron.launch.rank_guard [--local_rank=N] train.py --neox_config ...
 
-and runs ``python -u train.py [--local_rank=N] --neox_config ...`` as its child. When the child
-is killed by a signal or exits with a non-zero status, one line goes to stderr:
+from the installed package, and runs ``python -u train.py [--local_rank=N] --neox_config ...``
+as its child. When the child is killed by a signal or exits with a non-zero status, one line
+goes to stderr:
 
     [rank-guard] rank 1 (pid 2268 on node-b) was killed by SIGKILL at 15:03:07
     [rank-guard] rank 0 (pid 2267 on node-a) exited with status 1 at 15:03:08 (after SIGTERM)
 
 and the guard exits with the child's status (128 + N for signal N), so the launcher above sees
-the failure as before. deepy.py reads these lines to name the rank that failed first.
+the failure as before. deepy.py reads these lines (megatron/launch/failures.py) to name the
+rank that failed first.
 
-The guard imports nothing but the standard library (it costs a few MB per rank), forwards
-SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 to the rank, and makes the kernel kill the rank if the
-guard itself is killed (PR_SET_PDEATHSIG), so a rank never outlives its guard.
+The guard imports nothing but the standard library (it costs a few MB per rank; importing the
+``megatron`` package on the way here loads nothing else while ``DS_ACCELERATOR`` is set, as the
+launch sets it), forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 to the rank, and makes the
+kernel kill the rank if the guard itself is killed (PR_SET_PDEATHSIG), so a rank never outlives
+its guard.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
         if "=" not in token and rest:
             before.append(rest.pop(0))
     if not rest:
-        raise SystemExit("usage: rank_guard.py [--local_rank=N] SCRIPT [ARGS ...]")
+        raise SystemExit("usage: python -m megatron.launch.rank_guard [--local_rank=N] SCRIPT "
+                         "[ARGS ...]")
     return before, rest[0], rest[1:]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron.launcher import backend_command, plan_launch
+from megatron.launch.plan import backend_command, plan_launch
 from megatron.neox_arguments import ConfigError
 from megatron.neox_arguments.groups_deepspeed import LauncherArgs
 

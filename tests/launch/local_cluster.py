@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Throwaway clusters on this machine, for the launcher tests and for trying launchers by hand.
 
-    python tools/launch/local_cluster.py sshd  /tmp/cluster   # two "nodes" over ssh on loopback
-    python tools/launch/local_cluster.py slurm /tmp/cluster   # a one-node Slurm (ctld + slurmd)
+    python tests/launch/local_cluster.py sshd  /tmp/cluster   # two "nodes" over ssh on loopback
+    python tests/launch/local_cluster.py slurm /tmp/cluster   # a one-node Slurm (ctld + slurmd)
 
 Each prints the environment to use and runs until Ctrl-C. Everything (keys, configs, state,
 logs, pid files) lives in the given directory; the daemons listen on free loopback ports.
