@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron.neox_arguments.checks_input import check_values
 from megatron.neox_arguments.fields import ConfigError
 from megatron.neox_arguments.groups_model import attention_layer_types, mlp_width
 
@@ -230,6 +231,7 @@ def _data(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
 def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     """Raise ConfigError for anything that is wrong wherever the job runs."""
     _ranges(cfg, loc)
+    check_values(cfg, loc, purpose)
     _model(cfg, loc)
     _parallel(cfg, loc)
     _data(cfg, loc, purpose)

@@ -20,7 +20,29 @@ CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 
 
 class _NeoXLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, also reading ``1e-5`` (no dot) as a float like YAML 1.2 does."""
+    """PyYAML's safe loader, also reading ``1e-5`` (no dot) as a float like YAML 1.2 does, and
+    refusing a key that appears twice in one mapping (YAML leaves that to the loader; PyYAML
+    keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {first} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+# A config is a few hundred values; these bound what a damaged or hostile file can make the
+# loader do (YAML aliases can describe exponentially large documents in a few lines).
+MAX_NESTING = 64
+MAX_VALUES = 100_000
 
 
 _FLOAT = re.compile(
@@ -113,24 +135,121 @@ def find_config_file(name: str, conf_dir: str | None = None) -> Path:
     raise ConfigError(f"{name}: config file not found (looked for {', '.join(map(str, candidates))})")
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """One file's keys, canonicalised (dashes become underscores)."""
+def _config_text(path: Path) -> str:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if b"\x00" in raw:
+        raise ConfigError(f"{path}: a binary file, not a YAML or JSON config")
     try:
-        if path.suffix == ".json":
-            data = json.loads(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})"
+                          ) from None
+
+
+def _nesting_depth(text: str, is_json: bool) -> int:
+    """The deepest nesting of mappings and lists, from the token stream (no recursion, so a
+    deeply nested file cannot exhaust the stack before it is refused)."""
+    depth = deepest = 0
+    if is_json:
+        in_string = escaped = False
+        for ch in text:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch in "[{":
+                depth += 1
+                deepest = max(deepest, depth)
+            elif ch in "]}":
+                depth -= 1
+        return deepest
+    for event in yaml.parse(text, Loader=_NeoXLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                break
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return deepest
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """How many values ``data`` holds with every alias expanded; stops past ``limit``. Shared
+    sub-documents (YAML aliases) are counted once per use, from a table, in linear time."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("a YAML alias refers to itself")
+        active.add(key)
+        items = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        total = 1
+        for item in items:
+            total += size(item)
+            if total > limit:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(data)
+
+
+def _json_mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"key {key!r} appears twice in one mapping")
+        out[key] = value
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """One file's keys, canonicalised (dashes become underscores)."""
+    text = _config_text(path)
+    is_json = path.suffix == ".json"
+    try:
+        if _nesting_depth(text, is_json) > MAX_NESTING:
+            raise ConfigError(f"{path}: nested deeper than {MAX_NESTING} levels")
+        if is_json:
+            data = json.loads(text, object_pairs_hook=_json_mapping)
         else:
             data = yaml.load(text, Loader=_NeoXLoader)  # noqa: S506 - a SafeLoader subclass
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    except ConfigError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: {where}invalid YAML ({problem})") from None
+    try:
+        if _count_values(data, MAX_VALUES) > MAX_VALUES:
+            raise ConfigError(f"{path}: holds more than {MAX_VALUES} values once its YAML "
+                              "aliases are expanded")
+    except ConfigError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -221,5 +340,5 @@ def load_config_files(names: Sequence[str], conf_dir: str | None = None) -> Merg
         raise ConfigError("no config files given")
     paths = [find_config_file(n, conf_dir) for n in names]
     merged = merge_configs((str(p), read_config_file(p)) for p in paths)
-    texts = {str(p): p.read_text() for p in paths}
+    texts = {str(p): _config_text(p) for p in paths}
     return MergedConfig(merged.values, merged.sources, merged.overrides, merged.files, texts)
