@@ -19,7 +19,7 @@ from torch import nn
 from megatron.model.init_methods import InitFn
 from megatron.model.positional import sinusoidal_embedding
 from megatron.neox_arguments.groups_model import ModelArgs
-from megatron.parallel.layers import VocabParallelEmbedding
+from megatron.parallel.layers import VocabParallelEmbedding, set_tensor_parallel_attributes
 from megatron.parallel.mappings import (
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
@@ -62,6 +62,7 @@ class Embedding(nn.Module):
             self.position_embeddings: nn.Embedding | None = nn.Embedding(
                 rows, model.hidden_size, _weight=weight
             )
+            set_tensor_parallel_attributes(self.position_embeddings.weight, False)
         else:
             self.position_embeddings = None
 

@@ -5,6 +5,9 @@
 ``ParallelState.single()`` (or any state with ``tp_size == 1``) they compute exactly what
 ``torch.nn.functional.linear`` / ``embedding`` compute with the same weights.
 
+Built under ``with torch.device("meta")`` the layers allocate nothing and draw no random
+numbers (shapes and attributes only).
+
 Initialization is tensor-parallel invariant: every rank builds the *full* weight (the
 "master weight") in fp32 on the CPU with ``init_method`` from the current torch RNG and keeps
 only its own slice. A model built with TP=2 from seed ``s`` therefore holds exactly the slices
@@ -17,8 +20,11 @@ Parameters carry attributes read by checkpoint conversion, gradient-norm computa
 weight-decay grouping:
 
 * ``tensor_model_parallel`` -- True when the parameter is a shard (False when replicated);
-* ``partition_dim`` / ``partition_stride`` -- how the full tensor was split (see
-  :func:`split_tensor`);
+* ``partition_dim`` / ``partition_stride`` -- how the full tensor is split over
+  tensor-parallel ranks (see :func:`split_tensor`), set whatever the tensor-parallel size;
+  ``partition_dim`` -1 for a replicated parameter. Every parameter of the model carries them
+  (norms and other replicated layers too): checkpoint resharding reads its split rules from
+  here (:mod:`megatron.checkpoint.reshard`);
 * ``sequence_parallel`` -- True for replicated parameters used on sequence-parallel
   activations, whose gradients must be summed over the tensor-parallel group
   (:func:`allreduce_sequence_parallel_grads`).
@@ -110,6 +116,9 @@ def _unstride_last_dim(x: torch.Tensor, world_size: int, stride: int) -> torch.T
 def set_tensor_parallel_attributes(
     param: torch.Tensor, is_parallel: bool, dim: int = -1, stride: int = 1
 ) -> None:
+    """Record how ``param`` splits: along ``dim`` (with ``stride``) when ``dim >= 0``,
+    replicated when ``dim`` is -1; ``is_parallel`` says whether this copy is a shard (tensor
+    parallel size above 1)."""
     param.tensor_model_parallel = is_parallel  # type: ignore[attr-defined]
     param.partition_dim = dim  # type: ignore[attr-defined]
     param.partition_stride = stride  # type: ignore[attr-defined]
@@ -170,6 +179,8 @@ def register_sequence_parallel_grad_hooks(module: nn.Module, state: ParallelStat
 
 
 def _master_weight(shape: tuple[int, ...], init_method: InitMethod) -> torch.Tensor:
+    if torch.get_default_device().type == "meta":  # shapes and attributes only
+        return torch.empty(shape, dtype=torch.float32, device="meta")
     master = torch.empty(shape, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         init_method(master)
@@ -179,7 +190,7 @@ def _master_weight(shape: tuple[int, ...], init_method: InitMethod) -> torch.Ten
 def _parameter(
     data: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None
 ) -> nn.Parameter:
-    return nn.Parameter(data.to(device=device or "cpu", dtype=dtype).contiguous())
+    return nn.Parameter(data.to(device=device or data.device, dtype=dtype).contiguous())
 
 
 # ---------------------------------------------------------------------- layers

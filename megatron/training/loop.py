@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from megatron import accelerator
-from megatron.checkpointing import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
+from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
 from megatron.neox_arguments import NeoXConfig
 from megatron.training.control import StopSignal
 from megatron.training.data_setup import (
