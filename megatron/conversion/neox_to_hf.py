@@ -83,8 +83,9 @@ def convert(input_dir: str, output_dir: str, architecture: str, precision: str =
         notes.append(f"warning: tokenizer not available ({exc}); no tokenizer files, "
                      "bos/eos ids unset")
     if tokenizer is not None and tokenizer.vocab_size > vocab:
-        raise ConversionError(f"tokenizer_type {cfg.tokenizer.tokenizer_type}: {tokenizer.vocab_size}"
-                              f" tokens but the checkpoint has {vocab} vocabulary rows")
+        raise ConversionError(f"tokenizer_type {cfg.tokenizer.tokenizer_type}: "
+                              f"{tokenizer.vocab_size} tokens but the checkpoint has {vocab} "
+                              "vocabulary rows")
     special = special_token_ids(tokenizer) if tokenizer is not None else {}
 
     if precision == "auto":
