@@ -74,6 +74,10 @@ def split_tensor(
     _check_divisible(
         f"dimension {dim} of size", full.shape[dim], parts, f"tp {world_size} x stride {stride}"
     )
+    if full.is_meta:  # the shard's shape only
+        shape = list(full.shape)
+        shape[dim] //= world_size
+        return full.new_empty(shape)
     chunks = full.chunk(parts, dim=dim)
     return torch.cat([chunks[rank + k * world_size] for k in range(stride)], dim=dim)
 
@@ -178,7 +182,9 @@ def register_sequence_parallel_grad_hooks(module: nn.Module, state: ParallelStat
     return count
 
 
-def _master_weight(shape: tuple[int, ...], init_method: InitMethod) -> torch.Tensor:
+def master_weight(shape: tuple[int, ...], init_method: InitMethod) -> torch.Tensor:
+    """The full fp32 weight on the CPU filled by ``init_method`` from the current torch RNG
+    (uninitialized on the ``meta`` device when that is the default device)."""
     if torch.get_default_device().type == "meta":  # shapes and attributes only
         return torch.empty(shape, dtype=torch.float32, device="meta")
     master = torch.empty(shape, dtype=torch.float32, device="cpu")
@@ -249,7 +255,7 @@ class ColumnParallelLinear(nn.Module):
         self.tp_size = tp
         self.tp_group = state.tp_group
 
-        master = _master_weight((out_features, in_features), init_method)
+        master = master_weight((out_features, in_features), init_method)
         shard = split_tensor(master, 0, tp, state.tp_rank, partition_stride)
         del master
         self.weight = _parameter(shard, params_dtype, device)
@@ -322,7 +328,7 @@ class RowParallelLinear(nn.Module):
         self.tp_size = tp
         self.tp_group = state.tp_group
 
-        master = _master_weight((out_features, in_features), init_method)
+        master = master_weight((out_features, in_features), init_method)
         shard = split_tensor(master, 1, tp, state.tp_rank)
         del master
         self.weight = _parameter(shard, params_dtype, device)
@@ -397,7 +403,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_size = tp
         self.tp_group = state.tp_group
 
-        master = _master_weight((num_embeddings, embedding_dim), init_method)
+        master = master_weight((num_embeddings, embedding_dim), init_method)
         shard = split_tensor(master, 0, tp, state.tp_rank)
         del master
         self.weight = _parameter(shard, params_dtype, device)
