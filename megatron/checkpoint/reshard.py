@@ -4,7 +4,7 @@ How a parameter splits is recorded once, on the layer that owns it: every parame
 ``partition_dim`` / ``partition_stride`` (:func:`~megatron.parallel.layers.
 set_tensor_parallel_attributes`; -1 for replicated parameters such as norms and row-parallel
 biases). :func:`split_rules` builds the ``GPTModel`` of a :class:`ModelArgs` at tensor parallel
-1 on the ``meta`` device (nothing allocated, no random numbers drawn) and reads those
+1 on the ``meta`` device (no weights allocated, no random numbers drawn) and reads those
 attributes into a table ``{state-dict name: Partition}``. Buffers in the state dict (the rotary
 ``inv_freq`` with ``rotary_save_freqs_buffer``) are replicated; names the model does not have
 are treated as replicated, and callers compare the result with the model

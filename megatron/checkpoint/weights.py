@@ -42,8 +42,9 @@ from megatron.checkpoint.manifest import (
     write_manifest,
 )
 from megatron.checkpoint.reshard import StateDict, merge_tp_shards, split_tp
+from megatron.model import pipeline_key_to_model_key
 from megatron.model.gpt import layer_plan
-from megatron.model.pipeline import pipeline_key_to_model_key, pipeline_layout
+from megatron.model.layout import pipeline_layout
 from megatron.neox_arguments.groups_model import ModelArgs
 
 MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
