@@ -32,23 +32,22 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from megatron.model import GPTModel, lm_loss  # noqa: E402
-from megatron.neox_arguments import RunFacts, load_config_files, resolve_config  # noqa: E402
-from megatron.parallel import ParallelState  # noqa: E402
-from megatron.runtime import tokenizer_from_config  # noqa: E402
-from megatron.training.data_setup import (  # noqa: E402
+from megatron.model import GPTModel, lm_loss
+from megatron.neox_arguments import RunFacts, load_config_files, resolve_config
+from megatron.parallel import ParallelState
+from megatron.runtime import tokenizer_from_config
+from megatron.training.data_setup import (
     build_datasets,
     lm_batch,
     loader,
     sample_budget,
 )
-from megatron.training.lr_schedule import build_lr_scheduler  # noqa: E402
-from megatron.training.optimizers import optimizer_kwargs, param_groups  # noqa: E402
+from megatron.training.lr_schedule import build_lr_scheduler
+from megatron.training.optimizers import optimizer_kwargs, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(path: str):

@@ -26,11 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_train import (  # noqa: E402
+from bench_train import (
     MODELS,
     RUN_DIR,
     Case,
@@ -39,7 +35,9 @@ from bench_train import (  # noqa: E402
     free_port,
     write_config,
 )
-from machine import cpu_peak  # noqa: E402
+from machine import cpu_peak
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tree_bytes(path: Path) -> int:

@@ -45,12 +45,9 @@ from typing import Any
 
 import psutil
 import yaml
+from machine import cpu_peak, environment, measured_gemm_tflops
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from machine import cpu_peak, environment, measured_gemm_tflops  # noqa: E402
 
 PY = sys.executable
 DATA_PREFIX = "data/pydocs/pydocs_text_document"  # relative to the repository root (cwd)

@@ -33,18 +33,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_train import (  # noqa: E402
+from bench_train import (
     Case,
     config_values,
     ensure_data,
     free_port,
     write_config,
 )
-from machine import cpu_peak  # noqa: E402
+from machine import cpu_peak
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timeit(fn: Any, repeat: int) -> dict[str, float]:

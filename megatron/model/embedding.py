@@ -19,7 +19,11 @@ from torch import nn
 from megatron.model.init_methods import InitFn
 from megatron.model.positional import sinusoidal_embedding
 from megatron.neox_arguments.groups_model import ModelArgs
-from megatron.parallel.layers import VocabParallelEmbedding
+from megatron.parallel.layers import (
+    VocabParallelEmbedding,
+    master_weight,
+    set_tensor_parallel_attributes,
+)
 from megatron.parallel.mappings import (
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
@@ -56,12 +60,11 @@ class Embedding(nn.Module):
         if model.pos_emb == "learned" and not word_only:
             assert model.max_position_embeddings is not None
             rows = model.max_position_embeddings + model.opt_pos_emb_offset
-            weight = torch.empty(rows, model.hidden_size)
-            with torch.no_grad():
-                init_method(weight)
+            weight = master_weight((rows, model.hidden_size), init_method)
             self.position_embeddings: nn.Embedding | None = nn.Embedding(
                 rows, model.hidden_size, _weight=weight
             )
+            set_tensor_parallel_attributes(self.position_embeddings.weight, False)
         else:
             self.position_embeddings = None
 

@@ -10,6 +10,7 @@
 * ScaleNorm (Nguyen & Salazar): ``x / max(||x||, eps) * g`` with one learned scalar ``g``
   (initialized to 1, as in GPT-NeoX), ``scalenorm_epsilon``.
 
+Norm parameters are replicated over tensor-parallel ranks (``partition_dim`` -1).
 A norm applied to tensor-parallel shards of a tensor (the per-head query/key norms) is built
 with ``grad_sum_group``: its replicated parameters then enter the forward through
 :func:`~megatron.parallel.mappings.copy_to_tp_region`, so backward sums their gradient over the
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.neox_arguments.groups_model import ModelArgs
+from megatron.parallel.layers import set_tensor_parallel_attributes
 from megatron.parallel.mappings import copy_to_tp_region
 
 
@@ -32,6 +34,12 @@ class _Norm(nn.Module):
     def __init__(self, grad_sum_group: Any = None) -> None:
         super().__init__()
         self.grad_sum_group = grad_sum_group
+
+    def _replicated(self) -> None:
+        """Record that every rank holds the whole of each parameter (see
+        :mod:`megatron.parallel.layers`)."""
+        for p in self.parameters():
+            set_tensor_parallel_attributes(p, False)
 
     def _param(self, p: torch.Tensor | None) -> torch.Tensor | None:
         if p is None or self.grad_sum_group is None:
@@ -48,6 +56,7 @@ class LayerNorm(_Norm):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self._replicated()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (self.dim,), self._param(self.weight), self._param(self.bias),
@@ -66,6 +75,7 @@ class RMSNorm(_Norm):
         self.eps = eps
         self.fused = fused
         self.weight = nn.Parameter(torch.ones(dim))
+        self._replicated()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._param(self.weight)
@@ -86,6 +96,7 @@ class ScaleNorm(_Norm):
         self.dim = dim
         self.eps = eps
         self.g = nn.Parameter(torch.ones(1))
+        self._replicated()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=self.eps)

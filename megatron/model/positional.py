@@ -29,14 +29,14 @@ import torch
 from torch import nn
 
 from megatron.model.init_methods import InitFn
-from megatron.parallel.layers import set_tensor_parallel_attributes, split_tensor
+from megatron.parallel.layers import master_weight, set_tensor_parallel_attributes, split_tensor
 from megatron.parallel.state import ParallelState
 
 
 # ---------------------------------------------------------------------------- rotary
 def rotary_inverse_frequencies(dim: int, base: float) -> torch.Tensor:
     """``base^(-2i/dim)`` for ``i < dim/2``, fp32."""
-    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
     return 1.0 / (base**exponents)
 
 
@@ -160,9 +160,7 @@ class RelativePositionBias(nn.Module):
             raise ValueError(f"{num_heads} heads do not split over tensor parallel {state.tp_size}")
         self.num_buckets = num_buckets
         self.max_distance = max_distance
-        full = torch.empty(num_buckets, num_heads, dtype=torch.float32)
-        with torch.no_grad():
-            init_method(full)
+        full = master_weight((num_buckets, num_heads), init_method)
         shard = split_tensor(full, 1, state.tp_size, state.tp_rank)
         self.relative_attention_bias = nn.Embedding(
             num_buckets, shard.shape[1], _weight=shard.contiguous()

@@ -5,6 +5,9 @@
 ``ParallelState.single()`` (or any state with ``tp_size == 1``) they compute exactly what
 ``torch.nn.functional.linear`` / ``embedding`` compute with the same weights.
 
+Built under ``with torch.device("meta")`` the layers allocate nothing and draw no random
+numbers (shapes and attributes only).
+
 Initialization is tensor-parallel invariant: every rank builds the *full* weight (the
 "master weight") in fp32 on the CPU with ``init_method`` from the current torch RNG and keeps
 only its own slice. A model built with TP=2 from seed ``s`` therefore holds exactly the slices
@@ -17,8 +20,11 @@ Parameters carry attributes read by checkpoint conversion, gradient-norm computa
 weight-decay grouping:
 
 * ``tensor_model_parallel`` -- True when the parameter is a shard (False when replicated);
-* ``partition_dim`` / ``partition_stride`` -- how the full tensor was split (see
-  :func:`split_tensor`);
+* ``partition_dim`` / ``partition_stride`` -- how the full tensor is split over
+  tensor-parallel ranks (see :func:`split_tensor`), set whatever the tensor-parallel size;
+  ``partition_dim`` -1 for a replicated parameter. Every parameter of the model carries them
+  (norms and other replicated layers too): checkpoint resharding reads its split rules from
+  here (:mod:`megatron.checkpoint.reshard`);
 * ``sequence_parallel`` -- True for replicated parameters used on sequence-parallel
   activations, whose gradients must be summed over the tensor-parallel group
   (:func:`register_sequence_parallel_grad_hooks`).
@@ -68,6 +74,10 @@ def split_tensor(
     _check_divisible(
         f"dimension {dim} of size", full.shape[dim], parts, f"tp {world_size} x stride {stride}"
     )
+    if full.is_meta:  # the shard's shape only
+        shape = list(full.shape)
+        shape[dim] //= world_size
+        return full.new_empty(shape)
     chunks = full.chunk(parts, dim=dim)
     return torch.cat([chunks[rank + k * world_size] for k in range(stride)], dim=dim)
 
@@ -110,6 +120,9 @@ def _unstride_last_dim(x: torch.Tensor, world_size: int, stride: int) -> torch.T
 def set_tensor_parallel_attributes(
     param: torch.Tensor, is_parallel: bool, dim: int = -1, stride: int = 1
 ) -> None:
+    """Record how ``param`` splits: along ``dim`` (with ``stride``) when ``dim >= 0``,
+    replicated when ``dim`` is -1; ``is_parallel`` says whether this copy is a shard (tensor
+    parallel size above 1)."""
     param.tensor_model_parallel = is_parallel  # type: ignore[attr-defined]
     param.partition_dim = dim  # type: ignore[attr-defined]
     param.partition_stride = stride  # type: ignore[attr-defined]
@@ -149,7 +162,11 @@ def register_sequence_parallel_grad_hooks(module: nn.Module, state: ParallelStat
     return count
 
 
-def _master_weight(shape: tuple[int, ...], init_method: InitMethod) -> torch.Tensor:
+def master_weight(shape: tuple[int, ...], init_method: InitMethod) -> torch.Tensor:
+    """The full fp32 weight on the CPU filled by ``init_method`` from the current torch RNG
+    (uninitialized on the ``meta`` device when that is the default device)."""
+    if torch.get_default_device().type == "meta":  # shapes and attributes only
+        return torch.empty(shape, dtype=torch.float32, device="meta")
     master = torch.empty(shape, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         init_method(master)
@@ -159,7 +176,7 @@ def _master_weight(shape: tuple[int, ...], init_method: InitMethod) -> torch.Ten
 def _parameter(
     data: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None
 ) -> nn.Parameter:
-    return nn.Parameter(data.to(device=device or "cpu", dtype=dtype).contiguous())
+    return nn.Parameter(data.to(device=device or data.device, dtype=dtype).contiguous())
 
 
 # ---------------------------------------------------------------------- layers
@@ -218,7 +235,7 @@ class ColumnParallelLinear(nn.Module):
         self.tp_size = tp
         self.tp_group = state.tp_group
 
-        master = _master_weight((out_features, in_features), init_method)
+        master = master_weight((out_features, in_features), init_method)
         shard = split_tensor(master, 0, tp, state.tp_rank, partition_stride)
         del master
         self.weight = _parameter(shard, params_dtype, device)
@@ -291,7 +308,7 @@ class RowParallelLinear(nn.Module):
         self.tp_size = tp
         self.tp_group = state.tp_group
 
-        master = _master_weight((out_features, in_features), init_method)
+        master = master_weight((out_features, in_features), init_method)
         shard = split_tensor(master, 1, tp, state.tp_rank)
         del master
         self.weight = _parameter(shard, params_dtype, device)
@@ -366,7 +383,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_size = tp
         self.tp_group = state.tp_group
 
-        master = _master_weight((num_embeddings, embedding_dim), init_method)
+        master = master_weight((num_embeddings, embedding_dim), init_method)
         shard = split_tensor(master, 0, tp, state.tp_rank)
         del master
         self.weight = _parameter(shard, params_dtype, device)

@@ -112,7 +112,7 @@ def start(argv: list[str] | None = None, *, purpose: str | None = None,
 
 def run_main(main: Any) -> None:
     """Run a worker's main; configuration problems end with one line and status 2."""
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     from megatron.training.control import NonFiniteError
 
     try:

@@ -4,7 +4,7 @@ Used by generate.py and eval.py. Whatever ``pipe_parallel_size`` says, inference
 plain model (no pipeline engine, no DeepSpeed engine) on this rank's tensor-parallel shards,
 without sequence parallelism, and fills it from ``load``'s latest complete checkpoint: the
 rank's own ``mp_rank`` / ``layer_*-model_{tp}`` files when the checkpoint has this run's tensor
-parallel size, otherwise all shards merged and re-split (see :mod:`megatron.checkpoint_io`).
+parallel size, otherwise all shards merged and re-split (see :mod:`megatron.checkpoint.reshard`).
 With ``pipe_parallel_size > 1`` every pipeline rank holds the whole model and computes the same
 thing; launch ``model_parallel_size`` ranks (``--pipe_parallel_size 0``) to avoid the copies.
 The model is cast to the run's precision (bf16 / fp16) and put in eval mode.
@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from megatron.checkpoint_io import (
+from megatron.checkpoint.reshard import shard_state_dict
+from megatron.checkpoint.weights import (
     CheckpointInfo,
     check_against_model,
     inspect_checkpoint,
     read_model_state_dict,
     read_shard,
-    shard_state_dict,
 )
 from megatron.model.gpt import GPTModel
 from megatron.neox_arguments import ConfigError, NeoXConfig

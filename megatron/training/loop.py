@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from megatron import accelerator
-from megatron.checkpointing import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
+from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
 from megatron.runtime import Runtime, start
 from megatron.training.control import StopSignal
 from megatron.training.data_setup import (

@@ -118,7 +118,7 @@ def neox_config(files: list[str | Path], **overrides: Any) -> Any:
 def neox_logits(ckpt: Path, config_files: list[str | Path], tokens: torch.Tensor) -> torch.Tensor:
     """Logits of the checkpoint at ``ckpt`` with the plain model on one process (all shards
     merged)."""
-    from megatron.checkpoint_io import read_model_state_dict
+    from megatron.checkpoint.weights import read_model_state_dict
     from megatron.model import GPTModel
     from megatron.parallel import ParallelState
 

@@ -31,7 +31,7 @@ from conversion_helpers import (  # noqa: E402
     write_dataset,
 )
 
-from tools.ckpts import convert_hf_to_neox, convert_neox_to_hf  # noqa: E402
+from megatron.conversion import hf_to_neox, neox_to_hf  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
@@ -118,7 +118,7 @@ def test_llama_tp2_finetune_export_and_generate(work):
 
     trained = root / "llama_trained"
     exported = root / "llama_exported"
-    convert_neox_to_hf.convert(str(trained), str(exported), "llama", "fp32")
+    neox_to_hf.convert(str(trained), str(exported), "llama", "fp32")
     tokens = random_tokens(work["n"], seed=3)
     ours = run_distributed(_tp2_logits, 2, str(trained), [str(model_yml)], tokens, work["n"])
     theirs = hf_logits(exported, tokens)
@@ -155,7 +155,7 @@ def test_neox_pp2_finetune_and_export(work):
     hf_dir = tiny_hf_model("gpt_neox", root / "hf_neox", work["tokenizer"],
                            vocab_size=work["vocab"], seed=4, use_parallel_residual=True)
     converted = root / "neox_pp2"
-    convert_hf_to_neox.convert(str(hf_dir), str(converted), tp=1, pp=2)
+    hf_to_neox.convert(str(hf_dir), str(converted), tp=1, pp=2)
     model_yml, train_yml = converted / "neox_config.yml", training_config(work, "neox")
     check_run(deepy("train.py", model_yml, train_yml, num_gpus=2))
 

@@ -2,8 +2,8 @@
 
 Tiny random ``transformers`` models of every supported shape (GQA, partial rotary, parallel
 residual, tied and untied embeddings, biases on and off, a sliding window) go through
-``tools/ckpts/convert_hf_to_neox.py`` at TP=1/TP=2 and the plain and pipeline layouts, and
-back through ``convert_neox_to_hf.py``.
+:mod:`megatron.conversion.hf_to_neox` at TP=1/TP=2 and the plain and pipeline layouts, and
+back through :mod:`megatron.conversion.neox_to_hf`; the command lines in ``tools/ckpts/``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from conversion_helpers import (  # noqa: E402
     train_tokenizer,
 )
 
-from megatron.checkpoint_io import inspect_checkpoint  # noqa: E402
+from megatron.checkpoint.weights import inspect_checkpoint  # noqa: E402
+from megatron.conversion import hf_to_neox, neox_to_hf  # noqa: E402
+from megatron.conversion.hf_mapping import ConversionError, export_architecture  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
-from tools.ckpts import convert_hf_to_neox, convert_neox_to_hf  # noqa: E402
-from tools.ckpts.hf_model import ConversionError, export_architecture  # noqa: E402
 
 PARTIAL_HALF = {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}
 CASES = {
@@ -63,7 +63,7 @@ def models(tmp_path_factory):
 def _to_neox(models, name: str, tp: int = 1, pp: int = 0) -> tuple[Path, Path]:
     out = models["root"] / f"neox_{name}_tp{tp}_pp{pp}"
     if not (out / "latest").is_file():
-        convert_hf_to_neox.convert(str(models["dirs"][name]), str(out), tp=tp, pp=pp)
+        hf_to_neox.convert(str(models["dirs"][name]), str(out), tp=tp, pp=pp)
     return out, out / "neox_config.yml"
 
 
@@ -91,7 +91,7 @@ def test_round_trip_gives_identical_tensors(models, name, tp, pp):
     assert (info.layout, info.tp_size) == ("pipeline" if pp else "plain", tp)
     arch = {"gpt_neox": "neox", "llama": "llama", "mistral": "llama"}[CASES[name][0]]
     back = models["root"] / f"back_{name}"
-    convert_neox_to_hf.convert(str(ckpt), str(back), arch, "fp32", [str(config)])
+    neox_to_hf.convert(str(ckpt), str(back), arch, "fp32", [str(config)])
     original, returned = load_hf(models["dirs"][name]), load_hf(back)
     assert type(returned) is type(original)
     a, b = original.state_dict(), returned.state_dict()
@@ -208,14 +208,14 @@ def test_unsupported_hf_models_fail_with_one_line(tmp_path, models):
 
     GPT2Config(n_layer=1, n_embd=32, n_head=4).save_pretrained(str(tmp_path / "gpt2"))
     with pytest.raises(ConversionError, match="config.json: model_type 'gpt2' is not supported"):
-        convert_hf_to_neox.convert(str(tmp_path / "gpt2"), str(tmp_path / "out"))
+        hf_to_neox.convert(str(tmp_path / "gpt2"), str(tmp_path / "out"))
     LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
                 rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
                 ).save_pretrained(str(tmp_path / "scaled"))
     with pytest.raises(ConversionError, match="rope_type 'linear' is not supported"):
-        convert_hf_to_neox.convert(str(tmp_path / "scaled"), str(tmp_path / "out2"))
+        hf_to_neox.convert(str(tmp_path / "scaled"), str(tmp_path / "out2"))
     with pytest.raises(ConversionError, match="does not split over --tp 3"):
-        convert_hf_to_neox.convert(str(models["dirs"]["llama_gqa_untied"]),
+        hf_to_neox.convert(str(models["dirs"]["llama_gqa_untied"]),
                                    str(tmp_path / "out3"), tp=3)
 
 
@@ -240,8 +240,8 @@ def test_tokenizer_files_load_with_autotokenizer(tmp_path, kind):
     from conversion_helpers import corpus
     from transformers import AutoTokenizer
 
+    from megatron.conversion.hf_files import export_tokenizer
     from megatron.tokenizer import build_tokenizer
-    from tools.ckpts.hf_files import export_tokenizer
     from tools.datasets.train_tokenizer import train_bpe, train_sentencepiece
 
     if kind == "SPMTokenizer":
@@ -276,7 +276,7 @@ NEOX_ONLY = {  # shapes Hugging Face never produces, exported exactly
 def test_framework_only_shapes_export_with_the_same_logits(tmp_path, name):
     from conversion_helpers import perturb
 
-    from megatron.checkpoint_io import write_checkpoint
+    from megatron.checkpoint.weights import write_checkpoint
     from megatron.model import GPTModel
     from megatron.parallel import ParallelState
 
@@ -288,7 +288,7 @@ def test_framework_only_shapes_export_with_the_same_logits(tmp_path, name):
     perturb(model, 1, scale=0.3)
     write_checkpoint(tmp_path / "ck", model.state_dict(), cfg.model,
                      config_yaml=cfg.merged.to_yaml())
-    notes = convert_neox_to_hf.convert(str(tmp_path / "ck"), str(tmp_path / "hf"), arch)
+    notes = neox_to_hf.convert(str(tmp_path / "ck"), str(tmp_path / "hf"), arch)
     assert notes[-1] == "no tokenizer files: CharLevelTokenizer has no Hugging Face form"
     tokens = random_tokens(256, seq=16)
     with torch.no_grad():

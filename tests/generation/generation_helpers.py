@@ -58,7 +58,7 @@ def tiny_checkpoint(root: Path, *, tp: int = 1, pp: int = 0, seed: int = 0,
     """``(config.yml, checkpoint dir, TP=1 model)``: a random model written as a checkpoint
     with ``tp`` shards in the plain (``pp`` 0) or pipeline layout, and its config (which
     names the checkpoint as ``load``)."""
-    from megatron.checkpoint_io import write_checkpoint
+    from megatron.checkpoint.weights import write_checkpoint
 
     values = {**MODEL, **overrides}
     model = random_model(values, seed)

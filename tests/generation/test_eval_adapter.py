@@ -115,7 +115,7 @@ def test_generate_until_stops_at_the_first_stop_string(model):
 
 
 def _tp2_scores(rank, world, values, state_dict, requests):
-    from megatron.checkpoint_io import shard_state_dict
+    from megatron.checkpoint.reshard import shard_state_dict
     from megatron.model import GPTModel
     from megatron.parallel import RankTopology
 

@@ -105,7 +105,7 @@ def test_pipeline_checkpoint_generates_with_the_plain_model(tmp_path):
 def test_script_errors_are_one_line(tmp_path):
     from generation_helpers import resolved
 
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     from megatron.text_generation import load_inference_model
 
     config, ckpt, _ = tiny_checkpoint(tmp_path)

@@ -83,7 +83,7 @@ def test_long_prompts_keep_their_end_and_the_context_limit_holds():
 
 
 def _tp2_generate(rank, world, values, state_dict, params, recompute):
-    from megatron.checkpoint_io import shard_state_dict
+    from megatron.checkpoint.reshard import shard_state_dict
     from megatron.model import GPTModel
     from megatron.parallel import RankTopology
 

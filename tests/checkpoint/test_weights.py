@@ -1,81 +1,23 @@
-"""megatron/checkpoint_io.py: partition rules, merging/splitting shards, both layouts, errors."""
+"""megatron/checkpoint/weights.py: written checkpoints in both layouts read back, shared layers,
+errors naming the file or key, the manifest."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from conversion_helpers import config_from_values, manual_state  # noqa: E402
-
-from megatron.checkpoint_io import (  # noqa: E402
+from megatron.checkpoint import CheckpointError
+from megatron.checkpoint.weights import (
     check_against_model,
     expand_shared_layers,
     inspect_checkpoint,
-    merge_tp_shards,
-    partition_of,
     read_model_state_dict,
     read_shard,
-    split_tp,
     write_checkpoint,
 )
-from megatron.checkpointing import CheckpointError  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
-from megatron.parallel import ParallelState  # noqa: E402
-
-CONFIGS = {
-    "llama_rpe_untied": dict(norm="rmsnorm", activation="swiglu", num_kv_heads=2,
-                             no_weight_tying=True, pos_emb="rpe", use_bias_in_mlp=True,
-                             intermediate_size=48),
-    "neox_tied": dict(activation="gelu", gpt_j_residual=True, rotary_pct=0.5),
-    "learned_geglu": dict(pos_emb="learned", activation="geglu", use_qk_layernorm=True,
-                          intermediate_size=48,
-                          rotary_save_freqs_buffer=True),
-}
-
-
-def build(cfg, tp_size: int = 1, tp_rank: int = 0, seed: int = 0) -> GPTModel:
-    torch.manual_seed(seed)
-    state = ParallelState.single() if tp_size == 1 else manual_state(tp_size, tp_rank)
-    return GPTModel(cfg.model, cfg.act_ckpt, padded_vocab_size=cfg.tokenizer.padded_vocab_size,
-                    state=state)
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_partition_rules_match_the_layers_attributes(name):
-    cfg = config_from_values(world_size=2, model_parallel_size=2, **CONFIGS[name])
-    model = build(cfg, 2, 1)
-    checked = 0
-    for pname, param in model.named_parameters():
-        rule = partition_of(pname, cfg.model)
-        if getattr(param, "tensor_model_parallel", False):
-            assert (rule.dim, rule.stride) == (param.partition_dim, param.partition_stride), pname
-            checked += 1
-        else:
-            assert rule.dim is None, pname
-    assert checked >= 5
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_tp2_shards_merge_into_the_tp1_model(name):
-    """Modules built with TP=2 from one seed hold exactly the slices of TP=1 from that seed."""
-    cfg1 = config_from_values(**CONFIGS[name])
-    cfg2 = config_from_values(world_size=2, model_parallel_size=2, **CONFIGS[name])
-    assert cfg1.tokenizer.padded_vocab_size == cfg2.tokenizer.padded_vocab_size
-    full = build(cfg1).state_dict()
-    shards = [build(cfg2, 2, r).state_dict() for r in range(2)]
-    merged = merge_tp_shards(shards, cfg2.model)
-    assert merged.keys() == full.keys()
-    for key in full:
-        assert torch.equal(merged[key], full[key]), key
-    for got, want in zip(split_tp(full, cfg2.model, 2), shards):
-        for key in want:
-            assert torch.equal(got[key], want[key]), key
+from tests.checkpoint.checkpoint_helpers import CONFIGS, build, config_from_values
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 0), (2, 0), (2, 2), (1, 1)])

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tools.ckpts.hf_model import ConversionError
+from megatron.conversion.hf_mapping import ConversionError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")

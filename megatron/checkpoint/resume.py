@@ -1,4 +1,5 @@
-"""Saving and resuming training: atomic checkpoints with everything exact resume needs.
+"""The training resume state: atomic checkpoints through the DeepSpeed engine with everything
+exact resume needs (model, optimizer, scheduler client state, RNG states, configs).
 
 Layout of ``<save>/``::
 
@@ -15,10 +16,8 @@ manifest first, so a damaged checkpoint is a one-line error naming the file.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 import signal
 from collections.abc import Callable
@@ -30,18 +29,17 @@ import numpy as np
 import torch
 
 from megatron import accelerator
-
-TAG_PATTERN = re.compile(r"^global_step(\d+)$")
-MANIFEST = "manifest.json"
-LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded, reported as one line naming the file."""
-
-
-def tag_for(iteration: int) -> str:
-    return f"global_step{iteration}"
+from megatron.checkpoint.manifest import (
+    LATEST,
+    MANIFEST,
+    TAG_PATTERN,
+    CheckpointError,
+    atomic_write,
+    read_latest,
+    tag_for,
+    verify_checkpoint,
+    write_manifest,
+)
 
 
 def _barrier() -> None:
@@ -53,15 +51,6 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -87,47 +76,7 @@ def set_rng_state(states: dict[str, Any], tracker: Any | None) -> None:
         tracker.set_states(states["tracker"])
 
 
-# ----------------------------------------------------------------------------- manifest
-
-
-def write_manifest(tag_dir: Path, iteration: int, *, has_optimizer: bool = True) -> None:
-    files = {}
-    for path in sorted(tag_dir.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[str(path.relative_to(tag_dir))] = path.stat().st_size
-    manifest = {"iteration": iteration, "has_optimizer": has_optimizer, "files": files}
-    _atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
-
-
-def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
-    """Check that every file the manifest lists is present and whole."""
-    manifest_path = tag_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{tag_dir}: incomplete checkpoint (no {MANIFEST}); the save that "
-                              "wrote it did not finish")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    for rel, size in files.items():
-        path = tag_dir / rel
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing from the checkpoint")
-        actual = path.stat().st_size
-        if actual != size:
-            raise CheckpointError(f"{path}: damaged ({actual} bytes, the manifest says {size})")
-    return manifest
-
-
-def read_latest(load_dir: Path) -> str | None:
-    path = load_dir / LATEST
-    if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    if not tag:
-        raise CheckpointError(f"{path}: empty")
-    return tag
+# ----------------------------------------------------------------------------- pruning
 
 
 def complete_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
@@ -204,7 +153,7 @@ def save_checkpoint(
         if not options.save_optimizer:
             _strip_optimizer_state(tag_dir)
         write_manifest(tag_dir, iteration, has_optimizer=options.save_optimizer)
-        _atomic_write(save_dir / LATEST, tag)
+        atomic_write(save_dir / LATEST, tag)
         prune_checkpoints(save_dir, options.keep_last_n, protect=tag)
     _barrier()
     return tag_dir

@@ -1,4 +1,4 @@
-"""A checkpoint's model weights on disk, read and written without DeepSpeed.
+"""A checkpoint's model weight files, read and written without DeepSpeed.
 
 Reading accepts both layouts the trainer's DeepSpeed engine writes into ``<save>/global_stepN/``:
 
@@ -10,9 +10,8 @@ Reading accepts both layouts the trainer's DeepSpeed engine writes into ``<save>
 
 Either way the result is in ``GPTModel`` names (pipeline names mapped with
 :func:`~megatron.model.pipeline.pipeline_key_to_model_key`). Tensor-parallel shards merge into
-full tensors and full tensors split into shards by name (:func:`partition_of`: the vocabulary
-rows, QKV and MLP up-projection rows, the input columns of the output projections, the T5
-table's heads; gated MLP up-projections with stride 2; everything else replicated).
+full tensors and full tensors split into shards with the split rules the layers record
+(:mod:`megatron.checkpoint.reshard`).
 
 :func:`write_checkpoint` writes what the trainer's engine would save for a model without
 optimizer state (plain or pipeline layout, any tensor-parallel size) plus ``latest``,
@@ -24,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,96 +31,26 @@ from typing import Literal
 
 import torch
 
-from megatron.checkpointing import (
+from megatron.checkpoint.manifest import (
     LATEST,
     MANIFEST,
     CheckpointError,
+    atomic_write,
     read_latest,
     tag_for,
     verify_checkpoint,
     write_manifest,
 )
+from megatron.checkpoint.reshard import StateDict, merge_tp_shards, split_tp
+from megatron.model import pipeline_key_to_model_key
 from megatron.model.gpt import layer_plan
-from megatron.model.pipeline import pipeline_key_to_model_key, pipeline_layout
-from megatron.neox_arguments.groups_model import GATED_ACTIVATIONS, ModelArgs
-from megatron.parallel.layers import merge_shards, split_tensor
-
-StateDict = dict[str, torch.Tensor]
+from megatron.model.layout import pipeline_layout
+from megatron.neox_arguments.groups_model import ModelArgs
 
 MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 LAYER_STATES = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 ZERO3_STATES = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
 MERGED_CONFIG = Path("configs") / "merged.yml"
-
-
-# ------------------------------------------------------------------ partition rules
-@dataclass(frozen=True)
-class Partition:
-    """How a parameter is split over tensor-parallel ranks (``dim`` None: replicated)."""
-
-    dim: int | None
-    stride: int = 1
-
-
-REPLICATED = Partition(None)
-
-
-def partition_of(name: str, model: ModelArgs) -> Partition:
-    """The tensor-parallel split of ``GPTModel`` parameter ``name`` (as the layers set
-    ``partition_dim`` / ``partition_stride``)."""
-    if name in ("embed.word_embeddings.weight", "output_layer.weight"):
-        return Partition(0)
-    if name == "rpe.relative_attention_bias.weight":
-        return Partition(1)
-    if name.endswith((".attention.query_key_value.weight", ".attention.query_key_value.bias")):
-        return Partition(0)
-    if name.endswith(".attention.dense.weight") or name.endswith(".mlp.dense_4h_to_h.weight"):
-        return Partition(1)
-    if name.endswith((".mlp.dense_h_to_4h.weight", ".mlp.dense_h_to_4h.bias")):
-        return Partition(0, 2 if model.activation in GATED_ACTIVATIONS else 1)
-    return REPLICATED
-
-
-def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], model: ModelArgs) -> StateDict:
-    """Full tensors from every tensor-parallel rank's state dict (in rank order)."""
-    if not shards:
-        raise ValueError("no shards to merge")
-    names = list(shards[0])
-    for rank, shard in enumerate(shards[1:], start=1):
-        if set(shard) != set(names):
-            odd = sorted(set(shard) ^ set(names))[:3]
-            raise CheckpointError(f"tensor-parallel rank {rank} has different entries than rank "
-                                  f"0: {odd}")
-    full: StateDict = {}
-    for name in names:
-        part = partition_of(name, model)
-        if part.dim is None or len(shards) == 1:
-            full[name] = shards[0][name]
-        else:
-            full[name] = merge_shards([s[name] for s in shards], part.dim, part.stride)
-    return full
-
-
-def shard_state_dict(full: Mapping[str, torch.Tensor], model: ModelArgs, tp_size: int,
-                     tp_rank: int) -> StateDict:
-    """Tensor-parallel rank ``tp_rank``'s part of a full state dict."""
-    out: StateDict = {}
-    for name, tensor in full.items():
-        part = partition_of(name, model)
-        if part.dim is None or tp_size == 1:
-            out[name] = tensor
-        else:
-            try:
-                out[name] = split_tensor(tensor, part.dim, tp_size, tp_rank, part.stride)
-            except ValueError as exc:
-                raise CheckpointError(f"{name}: cannot split {list(tensor.shape)} over tensor "
-                                      f"parallel {tp_size} ({exc})") from None
-    return out
-
-
-def split_tp(full: Mapping[str, torch.Tensor], model: ModelArgs, tp_size: int) -> list[StateDict]:
-    """Every tensor-parallel rank's state dict, in rank order."""
-    return [shard_state_dict(full, model, tp_size, r) for r in range(tp_size)]
 
 
 # ---------------------------------------------------------------------- locating
@@ -357,7 +286,5 @@ def write_checkpoint(
     if config_yaml is not None:
         (tag_dir / MERGED_CONFIG).write_text(config_yaml)
     write_manifest(tag_dir, iteration, has_optimizer=False)
-    tmp = save / f"{LATEST}.tmp{os.getpid()}"
-    tmp.write_text(tag_dir.name)
-    os.replace(tmp, save / LATEST)
+    atomic_write(save / LATEST, tag_dir.name)
     return tag_dir

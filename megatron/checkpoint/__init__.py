@@ -1,0 +1,16 @@
+"""Checkpoints on disk.
+
+* :mod:`~megatron.checkpoint.manifest` -- what makes a checkpoint directory complete: step tags
+  (``global_stepN``), ``latest``, ``manifest.json``, :class:`CheckpointError`.
+* :mod:`~megatron.checkpoint.resume` -- the training resume state: save and load through the
+  DeepSpeed engine (model, optimizer, RNG states, configs), pruning old checkpoints.
+* :mod:`~megatron.checkpoint.weights` -- a checkpoint's model weight files read and written
+  without DeepSpeed (both the plain and the pipeline file layout), for generation, evaluation
+  and conversion.
+* :mod:`~megatron.checkpoint.reshard` -- tensor-parallel merge and split of full state dicts,
+  with the split rules read from the layers.
+"""
+
+from megatron.checkpoint.manifest import CheckpointError
+
+__all__ = ["CheckpointError"]
