@@ -26,6 +26,7 @@ from megatron.parallel.layers import (
     register_sequence_parallel_grad_hooks,
 )
 from megatron.parallel.state import ParallelState
+from megatron.training.compile import apply_compile_and_fp8
 from megatron.training.control import StepGuard, grad_norms
 from megatron.training.data_setup import LMBatch
 from megatron.training.lr_schedule import AnnealingLR, build_lr_scheduler
@@ -281,6 +282,7 @@ def build_engine(cfg: NeoXConfig, rt: Runtime, train_iters: int) -> Engine:
                         padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
                         tracker=rt.tracker, loss_fn=loss_hook, init_seed=cfg.training.seed)
     model.to(rt.device)
+    apply_compile_and_fp8(model, cfg)  # torch_compile / fp8_training (no-op when unset)
     if not is_pipeline and rt.state.sequence_parallel:
         register_sequence_parallel_grad_hooks(model, rt.state)
     zero_stage = int((cfg.ds.zero_optimization or {}).get("stage", 0))
