@@ -1,0 +1,113 @@
+"""The trainer on one GPU through ``python deepy.py train.py``: bf16, fp16 with the dynamic
+loss scaler, torch.compile, FP8, activation checkpointing, checkpoints between GPU and CPU."""
+
+from __future__ import annotations
+
+import pytest
+from gpu_helpers import BF16, CPU_RANKS, MODEL, max_relative_gap, record, records, train
+
+from megatron import accelerator
+from tests.training.e2e_helpers import (
+    base_values,
+    build_char_corpus,
+    explain,
+    run_deepy,
+    write_config,
+)
+
+STEPS = 12
+# bf16 runs of the same model that differ only in the order of floating-point sums (compiled
+# kernels, recomputation) stay this close over the first steps
+REORDER_TOLERANCE = 2e-2
+# FP8 (e4m3, dynamic scaling) against bf16 over the first steps
+FP8_TOLERANCE = 5e-2
+CROSS_DEVICE_TOLERANCE = 3e-2  # bf16 on GPU vs bf16 on CPU after loading the same weights
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_char_corpus(tmp_path_factory.mktemp("gpu_data"))
+
+
+@pytest.fixture(scope="module")
+def bf16_run(data, tmp_path_factory):
+    """The reference: bf16 eager, saved at the end (the checkpoint tests load it)."""
+    run = tmp_path_factory.mktemp("bf16")
+    got = train(data, run, train_iters=STEPS, save=str(run / "ckpt"), **BF16)
+    return run, got
+
+
+def test_bf16_trains(bf16_run):
+    run, got = bf16_run
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[STEPS] < got[1] - 0.5, got  # a char-level model learns fast at this lr
+    rec = records(run)[-1]
+    assert rec["skipped_iters"] == 0
+    record("bf16", first_loss=got[1], last_loss=got[STEPS])
+
+
+def test_fp16_loss_scale_halves_on_overflow_then_grows(data, tmp_path):
+    fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12,
+            "loss_scale_window": 2, "hysteresis": 1, "min_loss_scale": 1}
+    got = train(data, tmp_path, train_iters=10, fp16=fp16, inject_nonfinite_loss_iters=[5])
+    by_iter = {r["iteration"]: r for r in records(tmp_path)}
+    scale = {i: r["loss_scale"] for i, r in by_iter.items()}
+    skipped = {i: r["skipped_iters"] for i, r in by_iter.items()}
+    assert skipped[5] == skipped[4] + 1, skipped  # the injected step is skipped
+    assert scale[5] == scale[4] / 2, scale  # and the scale halves
+    assert max(scale[i] for i in range(6, 11)) > scale[5], scale  # then grows back
+    assert all(v == v for v in got.values() if v is not None)
+    record("fp16_overflow", scale_before=scale[4], scale_after=scale[5],
+           scale_end=scale[10], skipped=skipped[10] - skipped[4],
+           ok=scale[5] == scale[4] / 2 and scale[10] > scale[5])
+
+
+def test_compiled_matches_eager(data, bf16_run, tmp_path):
+    eager = bf16_run[1]
+    compiled = train(data, tmp_path, train_iters=STEPS, torch_compile=True, **BF16)
+    gap = max_relative_gap(compiled, eager)
+    record("compile_vs_eager", max_relative_loss_gap=gap)
+    assert gap < REORDER_TOLERANCE, (compiled, eager)
+
+
+def test_activation_checkpointing_matches(data, bf16_run, tmp_path):
+    got = train(data, tmp_path, train_iters=STEPS, checkpoint_activations=True,
+                checkpoint_num_layers=1, **BF16)
+    gap = max_relative_gap(got, bf16_run[1])
+    record("act_ckpt_vs_plain", max_relative_loss_gap=gap)
+    assert gap < REORDER_TOLERANCE
+
+
+def test_fp8_close_to_bf16(data, bf16_run, tmp_path):
+    ok, what = accelerator.fp8_support()
+    if not ok:  # a GPU without FP8 tensor cores: the run must be refused in one line
+        proc = run_deepy(write_config(tmp_path / "c.yml", base_values(
+            data, tmp_path, **{**MODEL, **BF16, "train_iters": 2, "fp8_training": True})),
+            overrides=["--num_gpus", "1"], timeout=300)
+        assert proc.returncode == 2 and "fp8_training" in proc.stderr, explain(proc)
+        record("fp8_vs_bf16", refused=what)
+        return
+    got = train(data, tmp_path, train_iters=STEPS, fp8_training=True, **BF16)
+    gap = max_relative_gap(got, bf16_run[1])
+    record("fp8_vs_bf16", max_relative_loss_gap=gap, last_loss=got[STEPS],
+           bf16_last_loss=bf16_run[1][STEPS])
+    assert gap < FP8_TOLERANCE, (got, bf16_run[1])
+
+
+def test_checkpoints_move_between_gpu_and_cpu(data, bf16_run, tmp_path):
+    run, _ = bf16_run
+    saved_on_gpu = str(run / "ckpt")
+    # GPU -> CPU: CPU ranks resume the GPU checkpoint, a GPU run resumes it as reference
+    cpu = train(data, tmp_path / "cpu", env=CPU_RANKS, load=saved_on_gpu,
+                save=str(tmp_path / "cpu" / "ckpt"), train_iters=STEPS + 2, **BF16)
+    gpu = train(data, tmp_path / "gpu", load=saved_on_gpu, train_iters=STEPS + 4, **BF16)
+    assert sorted(cpu) == [STEPS + 1, STEPS + 2], cpu  # resumed, not restarted
+    gap_to_cpu = max_relative_gap(cpu, gpu)
+    # CPU -> GPU: the GPU resumes what the CPU ranks saved
+    back = train(data, tmp_path / "back", load=str(tmp_path / "cpu" / "ckpt"),
+                 train_iters=STEPS + 4, **BF16)
+    assert sorted(back) == [STEPS + 3, STEPS + 4], back
+    gap_back = max_relative_gap(back, gpu)
+    record("checkpoint_gpu_cpu", gap_gpu_to_cpu=gap_to_cpu, gap_cpu_to_gpu=gap_back)
+    assert gap_to_cpu < CROSS_DEVICE_TOLERANCE, (cpu, gpu)
+    assert gap_back < CROSS_DEVICE_TOLERANCE, (back, gpu)
