@@ -246,6 +246,11 @@ def _compile(cfg: NeoXConfig, loc: Locator) -> None:
         raise loc.error("fp8_training", "precision", message=(
             f"needs bf16 (the weights and the non-FP8 ops stay bf16), precision is "
             f"{p.precision}; set bf16: {{enabled: true}}"))
+    tokens = (cfg.training.train_micro_batch_size_per_gpu or 1) * (cfg.model.seq_length or 1)
+    if p.fp8_training and tokens % 16:
+        raise loc.error("fp8_training", "train_micro_batch_size_per_gpu", "seq_length", message=(
+            f"needs the tokens of a micro batch (micro batch x seq_length = {tokens}) to be a "
+            "multiple of 16 (FP8 matrix multiplications)"))
 
 
 def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:

@@ -60,6 +60,17 @@ def float8_config(recipe: str, *, emulate: bool = False) -> Any:
     return dataclasses.replace(config, emulate=True) if emulate else config
 
 
+def _inductor_fp8_workaround() -> None:
+    """torchao's own conversion entry point patches an inductor code-generation path that
+    miscompiles FP8 stores; this conversion does not go through that entry point, so it
+    applies the same patch (where the installed torchao has it)."""
+    try:
+        from torchao.float8._inductor_patch import _patch_inductor_min_max_codegen
+    except ImportError:
+        return
+    _patch_inductor_min_max_codegen()
+
+
 class Float8Matmul:
     """``linear_impl`` of a parallel linear layer whose product runs in FP8 (torchao).
 
@@ -70,6 +81,7 @@ class Float8Matmul:
     def __init__(self, recipe: str, *, emulate: bool = False):
         from torchao.float8.float8_linear import Float8Linear
 
+        _inductor_fp8_workaround()
         self.recipe = recipe
         self.config = float8_config(recipe, emulate=emulate)
         # the GEMM settings torchao derives from the config, taken from a shape-less template

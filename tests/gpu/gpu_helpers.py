@@ -46,13 +46,16 @@ def train(data_prefix: str, run_dir: Path, *, env: dict[str, str] | None = None,
           **extra: Any) -> dict[int, float]:
     """``deepy.py train.py`` on one rank; returns ``{iteration: loss}``."""
     values = base_values(data_prefix, run_dir, **{**MODEL, **extra})
-    values["seq_length"] = values["max_position_embeddings"] = extra.get("seq_length", 256)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = write_config(run_dir / "config.yml", values)
     proc = run_deepy(cfg, overrides=["--num_gpus", "1"], env=env, timeout=540)
     assert proc.returncode == 0, explain(proc)
     return losses(run_dir)
 
+
+# a model small enough for CPU ranks too (bf16 matmuls may be slow on the host CPU)
+SMALL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
+         "max_position_embeddings": 64, "train_micro_batch_size_per_gpu": 4}
 
 # ranks on the CPU of the GPU machine (checkpoints moving between devices)
 CPU_RANKS = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
@@ -64,5 +67,5 @@ def max_relative_gap(a: dict[int, float], b: dict[int, float]) -> float:
     return max(abs(a[i] - b[i]) / abs(b[i]) for i in common)
 
 
-__all__ = ["BF16", "CPU_RANKS", "MODEL", "ROOT", "explain", "max_relative_gap", "record", "records",
+__all__ = ["BF16", "CPU_RANKS", "MODEL", "SMALL", "ROOT", "explain", "max_relative_gap", "record", "records",
            "train"]

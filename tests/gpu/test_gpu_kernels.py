@@ -44,7 +44,8 @@ def _tokens(batch=4, seq=128, seed=1):
     return torch.randint(0, VOCAB, (batch, seq), generator=g).to(DEVICE)
 
 
-@pytest.mark.parametrize("backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+@pytest.mark.parametrize("backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+                         ids=["flash", "efficient"])
 def test_fused_attention_matches_math(backend):
     model = _model(_config()).eval()
     tokens = _tokens()
@@ -124,6 +125,7 @@ def test_kv_cache_generation_matches_recompute():
 def test_hf_parity_on_gpu(tmp_path):
     from conversion_helpers import (
         load_hf,
+        neox_config,
         random_tokens,
         tiny_hf_model,
         tokenizer_size,
@@ -131,7 +133,6 @@ def test_hf_parity_on_gpu(tmp_path):
     )
 
     from megatron.checkpoint_io import read_model_state_dict
-    from tests.conversion.conversion_helpers import neox_config
     from tools.ckpts import convert_hf_to_neox
 
     tok = train_tokenizer(tmp_path / "tok")

@@ -4,7 +4,7 @@ loss scaler, torch.compile, FP8, activation checkpointing, checkpoints between G
 from __future__ import annotations
 
 import pytest
-from gpu_helpers import BF16, CPU_RANKS, MODEL, max_relative_gap, record, records, train
+from gpu_helpers import BF16, CPU_RANKS, MODEL, SMALL, max_relative_gap, record, records, train
 
 from megatron import accelerator
 from tests.training.e2e_helpers import (
@@ -31,9 +31,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bf16_run(data, tmp_path_factory):
-    """The reference: bf16 eager, saved at the end (the checkpoint tests load it)."""
+    """The reference: bf16 eager."""
     run = tmp_path_factory.mktemp("bf16")
-    got = train(data, run, train_iters=STEPS, save=str(run / "ckpt"), **BF16)
+    got = train(data, run, train_iters=STEPS, **BF16)
     return run, got
 
 
@@ -84,7 +84,9 @@ def test_fp8_close_to_bf16(data, bf16_run, tmp_path):
         proc = run_deepy(write_config(tmp_path / "c.yml", base_values(
             data, tmp_path, **{**MODEL, **BF16, "train_iters": 2, "fp8_training": True})),
             overrides=["--num_gpus", "1"], timeout=300)
-        assert proc.returncode == 2 and "fp8_training" in proc.stderr, explain(proc)
+        assert proc.returncode != 0, explain(proc)
+        assert "fp8_training: " in proc.stderr and "no FP8 tensor cores" in proc.stderr, \
+            explain(proc)
         record("fp8_vs_bf16", refused=what)
         return
     got = train(data, tmp_path, train_iters=STEPS, fp8_training=True, **BF16)
@@ -94,18 +96,19 @@ def test_fp8_close_to_bf16(data, bf16_run, tmp_path):
     assert gap < FP8_TOLERANCE, (got, bf16_run[1])
 
 
-def test_checkpoints_move_between_gpu_and_cpu(data, bf16_run, tmp_path):
-    run, _ = bf16_run
-    saved_on_gpu = str(run / "ckpt")
+def test_checkpoints_move_between_gpu_and_cpu(data, tmp_path):
+    # every run has the same schedule (train_iters); the first two stop early and save
+    small = {**SMALL, **BF16, "train_iters": STEPS + 4}
+    saved_on_gpu = str(tmp_path / "first" / "ckpt")
+    train(data, tmp_path / "first", save=saved_on_gpu, exit_interval=STEPS, **small)
     # GPU -> CPU: CPU ranks resume the GPU checkpoint, a GPU run resumes it as reference
     cpu = train(data, tmp_path / "cpu", env=CPU_RANKS, load=saved_on_gpu,
-                save=str(tmp_path / "cpu" / "ckpt"), train_iters=STEPS + 2, **BF16)
-    gpu = train(data, tmp_path / "gpu", load=saved_on_gpu, train_iters=STEPS + 4, **BF16)
+                save=str(tmp_path / "cpu" / "ckpt"), exit_interval=STEPS + 2, **small)
+    gpu = train(data, tmp_path / "gpu", load=saved_on_gpu, **small)
     assert sorted(cpu) == [STEPS + 1, STEPS + 2], cpu  # resumed, not restarted
     gap_to_cpu = max_relative_gap(cpu, gpu)
     # CPU -> GPU: the GPU resumes what the CPU ranks saved
-    back = train(data, tmp_path / "back", load=str(tmp_path / "cpu" / "ckpt"),
-                 train_iters=STEPS + 4, **BF16)
+    back = train(data, tmp_path / "back", load=str(tmp_path / "cpu" / "ckpt"), **small)
     assert sorted(back) == [STEPS + 3, STEPS + 4], back
     gap_back = max_relative_gap(back, gpu)
     record("checkpoint_gpu_cpu", gap_gpu_to_cpu=gap_to_cpu, gap_cpu_to_gpu=gap_back)

@@ -62,6 +62,37 @@ def test_compiled_layers_match_eager(ckpt):
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
 
 
+def _tp2_compiled_vs_eager(rank: int, world: int) -> tuple[list[float], list[float]]:
+    from megatron.neox_arguments import padded_vocab_size
+    from megatron.parallel import RankTopology
+
+    state = ParallelState.initialize(RankTopology(2, 2, 1))
+    cfg = make_config(world_size=2, num_layers=2, model_parallel_size=2)
+    vocab = padded_vocab_size(100, cfg.model.make_vocab_size_divisible_by, 2)
+    tokens, labels, mask = batch(2, 16, seed=7)
+    out = []
+    for compiled in (False, True):
+        model = build(cfg, seed=11, state=state, padded_vocab=vocab)
+        if compiled:
+            compile_layers(model)
+        losses = []
+        for _ in range(2):
+            loss = lm_loss(model(tokens), labels, mask, state)
+            loss.backward()
+            losses.append(loss.item())
+        out.append(losses)
+    return out[0], out[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_compiled_layers_under_tensor_parallelism():
+    from tests.distributed import run_distributed
+
+    for eager, compiled in run_distributed(_tp2_compiled_vs_eager, 2, timeout=900):
+        assert compiled == pytest.approx(eager, rel=REORDER_TOLERANCE)
+
+
 def test_fp8_products_emulated_close_to_fp32():
     cfg = make_config(num_layers=2, no_weight_tying=True)
     ref_loss, _ = _losses_and_grads(build(cfg), steps=1)
@@ -93,6 +124,8 @@ def test_fp8_refused_on_cpu_rank():
      "pipeline parallelism"),
     ({"torch_compile": True, "zero_optimization": {"stage": 3}}, "with ZeRO stage 3"),
     ({"fp8_training": True}, "fp8_training: needs bf16"),
+    ({"fp8_training": True, "bf16": {"enabled": True}, "seq_length": 15, "max_position_embeddings":
+      15, "train_micro_batch_size_per_gpu": 1}, "micro batch x seq_length = 15) to be a multiple"),
     ({"te_fp8_format": "e4m3"}, "te_fp8_format: Transformer Engine FP8 (delayed scaling) is "
      "not provided and is not mapped"),
     ({"te_columnparallel": True}, "te_columnparallel: Transformer Engine layers are not"),
