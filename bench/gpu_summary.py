@@ -61,6 +61,17 @@ def rows(tests: dict[str, dict[str, Any]], bench: dict[str, Any] | None,
             table.append((label, f"refused: {rec['refused']}"))
         else:
             table.append((label, _pct(rec["max_relative_loss_gap"]) if rec else "not measured"))
+    for name, label, field in (
+            ("sdpa_flash_attention_vs_math", "flash SDPA vs math, max |dlogit|",
+             "max_abs_logit_diff"),
+            ("sdpa_efficient_attention_vs_math", "efficient SDPA vs math, max |dlogit|",
+             "max_abs_logit_diff"),
+            ("fused_adamw_vs_unfused", "fused vs unfused AdamW, max |dparam|",
+             "max_abs_param_diff"),
+            ("kv_cache_generation", "KV-cache generation, tokens agreeing", "token_agreement"),
+            ("hf_parity_gpu", "Hugging Face parity on GPU, max |dlogit|", "max_abs_logit_diff")):
+        rec = tests.get(name)
+        table.append((label, f"{rec[field]:.3g}" if rec else "not measured"))
     ck = tests.get("checkpoint_gpu_cpu")
     table.append(("checkpoint GPU->CPU / CPU->GPU, loss gap",
                   f"{_pct(ck['gap_gpu_to_cpu'])} / {_pct(ck['gap_cpu_to_gpu'])}" if ck

@@ -4,6 +4,7 @@ gradients, FP8 products (emulated) stay close, the config refusals are one line,
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -111,7 +112,11 @@ def test_fp8_products_emulated_close_to_fp32():
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_fp8_refused_on_cpu_rank():
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # CPU ranks even where a GPU is present
+
+
+def test_fp8_refused_on_cpu_rank(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     with pytest.raises(ConfigError) as err:
         require_fp8_device()
     message = str(err.value)
@@ -164,7 +169,7 @@ def test_deepy_compiled_run_matches_eager(data, tmp_path):
     for name, compiled in (("eager", False), ("compiled", True)):
         run = tmp_path / name
         run.mkdir()
-        proc = run_deepy(_tiny(data, run, torch_compile=compiled), timeout=900)
+        proc = run_deepy(_tiny(data, run, torch_compile=compiled), timeout=900, env=NO_GPU)
         assert proc.returncode == 0, explain(proc)
         runs[name] = losses(run)
     assert sorted(runs["compiled"]) == [1, 2, 3, 4]
@@ -175,7 +180,7 @@ def test_deepy_compiled_run_matches_eager(data, tmp_path):
 @pytest.mark.slow
 def test_deepy_refuses_fp8_on_cpu_in_one_line(data, tmp_path):
     proc = run_deepy(_tiny(data, tmp_path, fp8_training=True, bf16={"enabled": True}),
-                     timeout=300)
+                     timeout=300, env=NO_GPU)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "fp8_training" in line]
     assert len(lines) == 1, explain(proc)
@@ -185,7 +190,8 @@ def test_deepy_refuses_fp8_on_cpu_in_one_line(data, tmp_path):
 
 def test_make_test_gpu_runs_nothing_without_a_gpu():
     proc = subprocess.run(["make", "-s", "test-gpu", f"GPU_PY={sys.executable}"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **NO_GPU})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "needs a CUDA GPU" in proc.stdout
     assert "nothing was run" in proc.stdout

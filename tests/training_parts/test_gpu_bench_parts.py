@@ -4,6 +4,7 @@ summary table and README rows are built from result files."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from argparse import Namespace
@@ -24,12 +25,13 @@ def _case(mode, losses, mfu=0.5):
 
 
 def test_bench_gpu_and_gpu_check_need_a_gpu():
+    no_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "bench/bench_gpu.py", "--quick"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=no_gpu)
     assert proc.returncode == 0
     assert "needs a CUDA GPU" in proc.stdout and "nothing was measured" in proc.stdout
     proc = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={"GPU_PY": sys.executable, "PATH": "/usr/bin:/bin"})
+                          text=True, timeout=300, env={**no_gpu, "GPU_PY": sys.executable})
     assert proc.returncode == 0, proc.stderr
     assert "make gpu-check needs a CUDA GPU" in proc.stdout
     assert not (ROOT / "runs" / "gpu-check" / "tests.log").exists() or "passed" not in \
