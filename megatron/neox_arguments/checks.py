@@ -276,6 +276,12 @@ def check_machine(cfg: NeoXConfig, loc: Locator, facts: RunFacts) -> list[str]:
         problems.append((("fp8_training",), "needs GPUs with FP8 tensor cores (compute "
                          "capability 8.9+: Ada, Hopper), and the ranks of this launch are CPU "
                          "ranks; use bf16 without fp8_training"))
+    if cfg.precision.torch_compile and cfg.precision.precision != "fp32" and not facts.gpu \
+            and facts.purpose == "train":
+        problems.append((("torch_compile", "precision"), "on CPU ranks needs fp32: torch's CPU "
+                         "code generator fails on some 16-bit kernels of these models (the "
+                         "shared bias gradients of gpt_j_residual in bf16); compile in bf16 on "
+                         "GPUs"))
     if cfg.optim.optimizer_type == "OneBitAdam" and not facts.gpu:
         problems.append((("optimizer",), "OneBitAdam needs GPUs (DeepSpeed's 1-bit "
                          "communication); use Adam or AdamW on CPU ranks"))

@@ -26,6 +26,7 @@ MODEL: dict[str, Any] = {
     "num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "seq_length": 256,
     "max_position_embeddings": 256, "pos_emb": "rotary", "norm": "layernorm",
     "no_weight_tying": True, "make_vocab_size_divisible_by": 64,
+    "gpt_j_residual": True,  # Pythia's parallel residual (the 1.3B benchmark is sequential)
     "hidden_dropout": 0.0, "attention_dropout": 0.0,
     "optimizer": {"type": "AdamW", "params": {"lr": 6.0e-4, "betas": [0.9, 0.95], "eps": 1e-8}},
     "lr_decay_style": "constant", "warmup": 0.0, "weight_decay": 0.01,

@@ -142,6 +142,20 @@ def test_config_refusals(values, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_compile_in_bf16_refused_on_cpu_ranks():
+    from megatron.neox_arguments import RunFacts, merge_configs, resolve_config
+    from tests.model.gpt_model_helpers import BASE
+
+    values = {**BASE, "torch_compile": True, "bf16": {"enabled": True}, "data_path": "nowhere",
+              "train_iters": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    with pytest.raises(ConfigError) as err:
+        resolve_config(merge_configs([("c.yml", values)]), RunFacts(gpu=False, purpose="train"))
+    assert str(err.value).startswith("c.yml: torch_compile: on CPU ranks needs fp32")
+    on_gpus = resolve_config(merge_configs([("c.yml", values)]),
+                             RunFacts(gpu=True, purpose="train", launching=False))
+    assert not any("torch_compile" in w for w in on_gpus.warnings)
+
+
 def test_compile_keys_accepted():
     cfg = make_config(torch_compile=True, bf16={"enabled": True}, fp8_training=True,
                       fp8_recipe="rowwise")
