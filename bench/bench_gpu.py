@@ -2,7 +2,7 @@
 compiled (``fp8_training``), for the 1.3B recipe model and a smaller one (125M).
 
     python bench/bench_gpu.py            # both models, all three modes
-    python bench/bench_gpu.py --quick    # the 1.3B model in all modes, 125M eager (make gpu-check)
+    python bench/bench_gpu.py --quick    # the 1.3B model only, fewer steps (make gpu-check)
 
 Each case runs in its own process, built as ``train.py`` builds the trainer (``runtime.start``
 on the recipe config, ``build_engine``: DeepSpeed's engine with its bf16 optimizer, the step
@@ -171,11 +171,12 @@ def loss_gaps(cases: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1.3B in all modes, 125M eager")
+    p.add_argument("--quick", action="store_true",
+                   help="the 1.3B model only, 2 warm-up and 6 timed steps")
     p.add_argument("--models", nargs="*", choices=sorted(MODELS))
     p.add_argument("--modes", nargs="*", choices=list(MODES))
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=None, help="default 3 (--quick: 2)")
+    p.add_argument("--steps", type=int, default=None, help="default 10 (--quick: 6)")
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--case-timeout", type=float, default=300.0)
     p.add_argument("--output", default=str(OUT))
@@ -192,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
         print(NEEDS_GPU, flush=True)
         return 0
-    plan = [(m, mode) for m in (args.models or list(MODELS)) for mode in (args.modes or MODES)]
-    if args.quick and not (args.models or args.modes):
-        plan = [("1.3B", mode) for mode in MODES] + [("125M", "bf16-eager")]
+    default_models = ["1.3B"] if args.quick else list(MODELS)
+    plan = [(m, mode) for m in (args.models or default_models) for mode in (args.modes or MODES)]
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    args.steps = args.steps if args.steps is not None else (6 if args.quick else 10)
     started = time.time()
     cases = []
     for model, mode in plan:
