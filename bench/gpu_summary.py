@@ -68,7 +68,8 @@ def rows(tests: dict[str, dict[str, Any]], bench: dict[str, Any] | None,
              "max_abs_logit_diff"),
             ("fused_adamw_vs_unfused", "fused vs unfused AdamW, max |dparam|",
              "max_abs_param_diff"),
-            ("kv_cache_generation", "KV-cache generation, tokens agreeing", "token_agreement"),
+            ("kv_cache_generation", "KV-cache generation vs recompute, max |dlogit|",
+             "max_abs_logit_diff"),
             ("hf_parity_gpu", "Hugging Face parity on GPU, max |dlogit|", "max_abs_logit_diff")):
         rec = tests.get(name)
         table.append((label, f"{rec[field]:.3g}" if rec else "not measured"))
