@@ -30,8 +30,13 @@ def read_records(path: Path) -> dict[str, dict[str, Any]]:
 def pytest_counts(log: Path) -> str:
     if not log.is_file():
         return "no log"
-    found = re.findall(r"=+ (.*(?:passed|failed|error).*?) in [\d.]+s", log.read_text())
-    return found[-1] if found else "no pytest summary"
+    outcome = r"\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)"
+    pattern = re.compile(rf"({outcome}(?:, {outcome})*) in [\d.]+s")
+    for line in reversed(log.read_text().splitlines()):
+        found = pattern.search(line)
+        if found:
+            return found.group(1)
+    return "no pytest summary"
 
 
 def _pct(x: float | None) -> str:

@@ -73,3 +73,12 @@ def test_summary_table(tmp_path, capsys):
     rows, ok = gpu_summary.rows({}, None, Namespace(tests_rc=1, bench_rc=0, tests_log="x",
                                                     tests_seconds=1, bench_seconds=1))
     assert not ok and ("fp16 overflow", "not measured") in rows
+
+
+def test_pytest_counts_reads_the_quiet_summary(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text("....F.\n=== short test summary info ===\nFAILED x\n"
+                   "1 failed, 5 passed, 2 warnings in 12.34s (0:00:12)\n")
+    assert gpu_summary.pytest_counts(log) == "1 failed, 5 passed, 2 warnings"
+    log.write_text("no tests ran\n")
+    assert gpu_summary.pytest_counts(log) == "no pytest summary"
