@@ -145,11 +145,6 @@ def fp8_support() -> tuple[bool, str]:
     return capability >= FP8_MIN_CAPABILITY, label
 
 
-def empty_cache() -> None:
-    if is_gpu():
-        get_accelerator().empty_cache()
-
-
 def reset_peak_memory_stats() -> None:
     if is_gpu():
         torch.cuda.reset_peak_memory_stats()

@@ -235,9 +235,9 @@ def _compile(cfg: NeoXConfig, loc: Locator) -> None:
         return
     if cfg.parallelism.is_pipe_parallel:
         raise loc.error(name, "pipe_parallel_size", message=(
-            f"is not available with pipeline parallelism (pipe_parallel_size "
-            f"{cfg.parallelism.pipe_parallel_size}): the pipeline engine runs the layers through "
-            "its own wrappers, which are not compiled; use pipe_parallel_size: 0"))
+            f"is not implemented for pipeline parallelism (pipe_parallel_size "
+            f"{cfg.parallelism.pipe_parallel_size}): only the layers of the plain model are "
+            "compiled; use pipe_parallel_size: 0"))
     if int((cfg.ds.zero_optimization or {}).get("stage", 0)) == 3:
         raise loc.error(name, "zero_optimization", message=(
             "is not available with ZeRO stage 3, whose parameter gathering runs in module hooks "

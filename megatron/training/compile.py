@@ -16,7 +16,6 @@ speed. The output layer (logits) and linear layers whose dimensions are not mult
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -120,11 +119,6 @@ def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", *,
                 module.linear_impl = matmul
                 converted.append(f"{prefixes[id(layer)]}.{name}")
     return converted
-
-
-def fp8_linear_impls(model: nn.Module) -> list[Callable[..., torch.Tensor]]:
-    return [m.linear_impl for m in model.modules()
-            if isinstance(m.__dict__.get("linear_impl"), Float8Matmul)]
 
 
 def require_fp8_device() -> None:

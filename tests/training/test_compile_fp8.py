@@ -125,7 +125,7 @@ def test_fp8_refused_on_cpu_rank(monkeypatch):
 
 
 @pytest.mark.parametrize("values,fragment", [
-    ({"torch_compile": True, "pipe_parallel_size": 1}, "torch_compile: is not available with "
+    ({"torch_compile": True, "pipe_parallel_size": 1}, "torch_compile: is not implemented for "
      "pipeline parallelism"),
     ({"torch_compile": True, "zero_optimization": {"stage": 3}}, "with ZeRO stage 3"),
     ({"fp8_training": True}, "fp8_training: needs bf16"),
