@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # JIT-compiled DeepSpeed ops (cpu_adam) are built once per environment, next to it
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install test test-fast test-launch demo bench lint docs clean
+.PHONY: install test test-fast test-launch test-gpu gpu-check demo bench lint docs clean
 
 install: $(STAMP)
 
@@ -22,6 +22,18 @@ test-fast: $(STAMP)
 
 test-launch: $(STAMP)
 	$(PY) -m pytest -q tests/launch
+
+# The GPU suite (tests/gpu, never part of `make test`) and the GPU check. Neither installs
+# anything: they use the .venv python when there is one, else the machine's python3 (on a GPU
+# machine without network: `source tools/gpu_env.sh` first, see docs/gpu.md).
+GPU_PY ?= $(shell [ -x $(PY) ] && echo $(PY) || echo python3)
+
+test-gpu:
+	$(GPU_PY) tests/gpu/run.py
+
+# make test-gpu, then the short GPU benchmark, then one summary table (docs/gpu.md)
+gpu-check:
+	GPU_PY=$(GPU_PY) bash tools/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

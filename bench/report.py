@@ -375,6 +375,32 @@ def profile_section(prof: dict[str, Any]) -> list[str]:
     return lines
 
 
+def gpu_section(gpu: dict[str, Any] | None) -> list[str]:
+    """One row per GPU case of ``results/gpu.json`` (``bench/bench_gpu.py``), with the device."""
+    lines = ["## GPU training throughput (`python bench/bench_gpu.py`)", ""]
+    if gpu is None:
+        return lines + ["Not measured yet: no GPU run of `bench/bench_gpu.py` has been recorded "
+                        "(`make gpu-check` on a CUDA machine writes `results/gpu.json`)."]
+    lines += [f"Measured {gpu.get('date', '?')}, torch {gpu.get('torch', '?')}, one device; "
+              "random tokens, sequence 2048, no activation checkpointing; MFU against the "
+              "device's dense BF16 peak.", "",
+              "| device | model | mode | micro batch | tokens/s | TFLOP/s | MFU | peak memory "
+              "| loss gap to bf16 eager | warm-up (compile) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in gpu["cases"]:
+        if "error" in c:
+            lines.append(f"| {gpu['device']} | {c['model']} | {c['mode']} | | failed "
+                         f"({c['error']}) | | | | | |")
+            continue
+        gap = c.get("max_relative_loss_gap")
+        lines.append(
+            f"| {c['device']} | {c['model']} | {c['mode']} | {c['micro_batch']} | "
+            f"{c['tokens_per_s']:,.0f} | {c['tflops']:.1f} | {_pct(c['mfu'])} | "
+            f"{c['peak_memory_gb']:.1f} GiB | {'' if gap is None else f'{gap:.2%}'} | "
+            f"{c['warmup_s']:.0f} s |")
+    return lines
+
+
 def render() -> str:
     train, ckpt, data = _load("train"), _load("checkpoint"), _load("data")
     prof = _load("step_profile")
@@ -391,6 +417,7 @@ def render() -> str:
         zero = zero_section(train)
         if zero:
             lines += [""] + zero
+    lines += [""] + gpu_section(_load("gpu"))
     if prof:
         lines += [""] + profile_section(prof)
     if ckpt:
@@ -406,6 +433,8 @@ def render() -> str:
         "- `bench/bench_checkpoint.py` -> `results/checkpoint.json`",
         "- `bench/step_profile.py` -> `results/step_profile.json`",
         "- `bench/bench_data.py` -> `results/data.json`",
+        "- `bench/bench_gpu.py`: one-GPU throughput (bf16 eager / compiled, FP8) -> "
+        "`results/gpu.json`",
         "- `bench/machine.py`: the declared CPU peak, the measured GEMM rate, versions",
         "- `bench/report.py`: this file; `results/configs/`: the exact config of every run",
         "",

@@ -121,3 +121,30 @@ def max_memory_allocated() -> int:
 def flash_attention_available() -> bool:
     """True where PyTorch's SDPA can use the flash kernel (a CUDA GPU)."""
     return is_gpu() and torch.backends.cuda.flash_sdp_enabled()
+
+
+def compute_capability() -> tuple[int, int] | None:
+    """CUDA compute capability of this rank's device, or None off CUDA (CPU, other vendors)."""
+    if accelerator_name() != "cuda" or not _gpu_present():
+        return None
+    major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+    return int(major), int(minor)
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
+
+
+def fp8_support() -> tuple[bool, str]:
+    """``(whether this rank's device has FP8 tensor cores, what the device is)``; the
+    description names the device for error messages."""
+    capability = compute_capability()
+    if capability is None:
+        where = "CPU" if not is_gpu() else f"accelerator {accelerator_name()!r}"
+        return False, f"this rank computes on {where}"
+    label = f"{device_name()} (compute capability {capability[0]}.{capability[1]})"
+    return capability >= FP8_MIN_CAPABILITY, label
+
+
+def reset_peak_memory_stats() -> None:
+    if is_gpu():
+        torch.cuda.reset_peak_memory_stats()

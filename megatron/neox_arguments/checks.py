@@ -228,12 +228,39 @@ def _data(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
             "required by text_gen_type: input-file"))
 
 
+def _compile(cfg: NeoXConfig, loc: Locator) -> None:
+    """torch_compile / fp8_training against the layouts and precisions they work with."""
+    p = cfg.precision
+    name = "fp8_training" if p.fp8_training else "torch_compile"
+    if not (p.torch_compile or p.fp8_training):
+        return
+    if cfg.parallelism.is_pipe_parallel:
+        raise loc.error(name, "pipe_parallel_size", message=(
+            f"is not implemented for pipeline parallelism (pipe_parallel_size "
+            f"{cfg.parallelism.pipe_parallel_size}): only the layers of the plain model are "
+            "compiled; use pipe_parallel_size: 0"))
+    if int((cfg.ds.zero_optimization or {}).get("stage", 0)) == 3:
+        raise loc.error(name, "zero_optimization", message=(
+            "is not available with ZeRO stage 3, whose parameter gathering runs in module hooks "
+            "inside the compiled layers; use ZeRO stage 0, 1 or 2"))
+    if p.fp8_training and p.precision != "bfloat16":
+        raise loc.error("fp8_training", "precision", message=(
+            f"needs bf16 (the weights and the non-FP8 ops stay bf16), precision is "
+            f"{p.precision}; set bf16: {{enabled: true}}"))
+    tokens = (cfg.training.train_micro_batch_size_per_gpu or 1) * (cfg.model.seq_length or 1)
+    if p.fp8_training and tokens % 16:
+        raise loc.error("fp8_training", "train_micro_batch_size_per_gpu", "seq_length", message=(
+            f"needs the tokens of a micro batch (micro batch x seq_length = {tokens}) to be a "
+            "multiple of 16 (FP8 matrix multiplications)"))
+
+
 def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     """Raise ConfigError for anything that is wrong wherever the job runs."""
     _ranges(cfg, loc)
     check_values(cfg, loc, purpose)
     _model(cfg, loc)
     _parallel(cfg, loc)
+    _compile(cfg, loc)
     _data(cfg, loc, purpose)
 
 
@@ -247,6 +274,16 @@ def check_machine(cfg: NeoXConfig, loc: Locator, facts: RunFacts) -> list[str]:
     if cfg.precision.precision == "fp16" and not facts.gpu:
         problems.append((("precision", "fp16"), "fp16 needs GPUs, and the ranks of this launch "
                          "are CPU ranks; use bf16 or fp32"))
+    if cfg.precision.fp8_training and not facts.gpu and facts.purpose == "train":
+        problems.append((("fp8_training",), "needs GPUs with FP8 tensor cores (compute "
+                         "capability 8.9+: Ada, Hopper), and the ranks of this launch are CPU "
+                         "ranks; use bf16 without fp8_training"))
+    if cfg.precision.torch_compile and cfg.precision.precision != "fp32" and not facts.gpu \
+            and facts.purpose == "train":
+        problems.append((("torch_compile", "precision"), "on CPU ranks needs fp32: torch's CPU "
+                         "code generator fails on some 16-bit kernels of these models (the "
+                         "shared bias gradients of gpt_j_residual in bf16); compile in bf16 on "
+                         "GPUs"))
     if cfg.optim.optimizer_type == "OneBitAdam" and not facts.gpu:
         problems.append((("optimizer",), "OneBitAdam needs GPUs (DeepSpeed's 1-bit "
                          "communication); use Adam or AdamW on CPU ranks"))

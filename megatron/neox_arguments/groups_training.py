@@ -7,6 +7,11 @@ from typing import Literal
 
 from megatron.neox_arguments.fields import key
 
+_NO_TE = ("Transformer Engine layers are not provided; FP8 linear layers come from torchao: "
+          "set fp8_training: true (see docs/gpu.md)")
+_NO_TE_FP8 = ("Transformer Engine FP8 (delayed scaling) is not provided and is not mapped onto "
+              "torchao's dynamic scaling; set fp8_training: true and fp8_recipe (see docs/gpu.md)")
+
 OPTIMIZER_TYPES = (
     "Adam", "AdamW", "SGD", "Lion", "SM3", "CPU_Adam", "CPU_torch_adam", "OneBitAdam",
     "madgrad_wd",
@@ -138,3 +143,38 @@ class PrecisionArgs:
         None, "Data type of gradient communication.", origin="DSC")
     data_types: dict | None = key(None, "DeepSpeed data_types block (e.g. grad_accum_dtype).",
                                   origin="DSC")
+    torch_compile: bool = key(
+        False, "Compile each transformer layer with torch.compile (inductor): the same losses as "
+        "eager up to the reordering of floating-point sums; the first steps include the compile "
+        "time. Not with pipe_parallel_size >= 1 or ZeRO stage 3.", origin="Here")
+    torch_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = key(
+        "default", "torch.compile mode for torch_compile / fp8_training.", origin="Here")
+    fp8_training: bool = key(
+        False, "FP8 matmuls in the transformer layers' linear layers through torchao's float8 "
+        "training (dynamic scaling; weights, optimizer and other ops stay bf16/fp32). Needs "
+        "bf16, a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper) and torchao; "
+        "compiles the layers (torch_compile) as torchao requires.", origin="Here")
+    fp8_recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = key(
+        "tensorwise", "torchao float8 recipe: tensorwise (one scale per tensor, e4m3), rowwise "
+        "(one scale per row), rowwise_with_gw_hp (rowwise, weight gradient in bf16).",
+        origin="Here")
+    te_columnparallel: bool = key(
+        False, "Transformer Engine column-parallel linear layers.", unsupported=_NO_TE)
+    te_rowparallel: bool = key(
+        False, "Transformer Engine row-parallel linear layers.", unsupported=_NO_TE)
+    te_layernorm_mlp: bool = key(
+        False, "Transformer Engine fused LayerNorm+MLP.", unsupported=_NO_TE)
+    te_mha: bool = key(False, "Transformer Engine multi-head attention.", unsupported=_NO_TE)
+    te_fp8_mha: bool = key(
+        False, "Transformer Engine FP8 multi-head attention.", unsupported=_NO_TE_FP8)
+    te_fp8_format: Literal["e4m3", "hybrid"] = key(
+        "hybrid", "Transformer Engine FP8 format.", unsupported=_NO_TE_FP8)
+    te_fp8_wgrad: bool = key(
+        True, "Transformer Engine: weight gradients in FP8.", unsupported=_NO_TE_FP8)
+    te_fp8_amax_history_len: int = key(
+        1, "Transformer Engine delayed scaling: amax history length.", unsupported=_NO_TE_FP8)
+    te_fp8_amax_compute_algo: str = key(
+        "most_recent", "Transformer Engine delayed scaling: amax algorithm.",
+        unsupported=_NO_TE_FP8)
+    te_fp8_margin: int = key(
+        0, "Transformer Engine delayed scaling: scaling-factor margin.", unsupported=_NO_TE_FP8)

@@ -193,7 +193,12 @@ class ColumnParallelLinear(nn.Module):
     its first (sequence) dim and all-gathers it; backward reduce-scatters the input grad.
     ``skip_bias_add=True`` returns the output without the bias; the caller adds
     :attr:`output_bias` itself (e.g. fused with the activation).
+
+    ``linear_impl(x, weight, bias)`` computes the local product (``F.linear``); FP8 training
+    replaces it per layer (:mod:`megatron.training.compile`).
     """
+
+    linear_impl: Callable[..., torch.Tensor] = staticmethod(F.linear)
 
     def __init__(
         self,
@@ -258,7 +263,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, self.tp_group)
         else:
             x = copy_to_tp_region(x, self.tp_group)
-        out = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
+        out = self.linear_impl(x, self.weight, None if self.skip_bias_add else self.bias)
         if self.gather_output and self.tp_size > 1:
             out = gather_from_tp_region(out, self.tp_group)
             out = _unstride_last_dim(out, self.tp_size, self.partition_stride)
@@ -279,8 +284,11 @@ class RowParallelLinear(nn.Module):
     Each rank multiplies its slice of the input features; the partial results are summed
     over the tensor-parallel group (all-reduce, or reduce-scatter along the sequence dim with
     ``sequence_parallel_output=True``) and the replicated bias is added once, after the sum.
-    ``input_is_parallel=False`` splits a replicated input first.
+    ``input_is_parallel=False`` splits a replicated input first. ``linear_impl`` as in
+    :class:`ColumnParallelLinear`.
     """
+
+    linear_impl: Callable[..., torch.Tensor] = staticmethod(F.linear)
 
     def __init__(
         self,
@@ -330,10 +338,10 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         add_bias = self.bias is not None and not self.skip_bias_add
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias if add_bias else None)
+            return self.linear_impl(x, self.weight, self.bias if add_bias else None)
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.tp_group)
-        partial = F.linear(x, self.weight)
+        partial = self.linear_impl(x, self.weight, None)
         if self.sequence_parallel_output:
             out = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
         else:

@@ -20,6 +20,7 @@ from megatron.model.pipeline import PipelineLMLoss
 from megatron.neox_arguments import ConfigError, NeoXConfig, build_deepspeed_config
 from megatron.parallel.state import ParallelState
 from megatron.runtime import Runtime
+from megatron.training.compile import apply_compile_and_fp8
 from megatron.training.control import StepGuard
 from megatron.training.engine import Engine, GuardedPipelineLoss, ModelEngine, PipelineEngine
 from megatron.training.grad_norm import NormClipper
@@ -74,6 +75,7 @@ def build_engine(rt: Runtime) -> Engine:
                         padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
                         tracker=rt.tracker, loss_fn=loss_hook, init_seed=cfg.training.seed)
     model.to(rt.device)
+    apply_compile_and_fp8(model, cfg)  # torch_compile / fp8_training (no-op when unset)
     zero_stage = int((cfg.ds.zero_optimization or {}).get("stage", 0))
     try:
         built = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay))
