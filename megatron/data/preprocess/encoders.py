@@ -1,0 +1,272 @@
+"""Batch encoders: a list of texts in, one token-id array per text out, in order.
+
+Preprocessing hands whole batches to the tokenizer library so that the per-document Python
+work is a loop over results, and parallelism comes from the library's own threads (which
+run without the GIL) instead of worker processes that each import and load everything:
+
+=====================  ===================================================================
+tokenizer              engine
+=====================  ===================================================================
+byte-level BPE         ``tiktoken`` run on the tokenizer's own vocabulary and merges
+(``HFTokenizer`` of a  (``bpe``): the same pre-tokenization pattern and merge order, several
+GPT-2 style            times faster than the ``tokenizers`` library; ids are mapped back to
+``tokenizer.json``,    the tokenizer's ids. Used when the file has exactly the GPT-2 shape
+``GPT2BPETokenizer``)  (no normalizer, ``ByteLevel`` pre-tokenizer without prefix space, plain
+                       BPE, unique merges) and a probe text encodes identically both ways.
+other ``HFTokenizer``  ``tokenizers``' ``encode_batch`` on its Rust thread pool (``library``).
+``SPMTokenizer``       SentencePiece's batch ``encode`` with ``num_threads``.
+``TiktokenTokenizer``  tiktoken's batch encoding with ``num_threads``.
+=====================  ===================================================================
+
+``engine="library"`` skips the ``bpe`` engine. Tokenizers without a batch engine (and
+``--ftfy``, which is pure Python) use worker processes instead (see ``pipeline``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from megatron.data.preprocess.pipeline import ENGINES
+from megatron.tokenizer.tokenizer import (
+    GPT2_PATTERN,
+    AbstractTokenizer,
+    GPT2BPETokenizer,
+    HFTokenizer,
+    SPMTokenizer,
+    TiktokenTokenizer,
+    byte_level_alphabet,
+)
+
+# Contractions, digits, punctuation runs, whitespace runs, accents, CJK, emoji, a special token.
+PROBE_TEXT = (
+    "It's what they'll say: we'd ALREADY tried, haven't we?  Numbers 1234567 and 3.14159,\n"
+    "\ttabs\t\tand   runs of    spaces \n\n\n  trailing  \r\n(parens) [brackets] {braces} "
+    "#@$%^&*_+=|\\/<>~` naïve café, Übermaß, ﬁne, 日本語のテキスト, 한국어, русский, emoji 🙂👍🏽, "
+    "<|endoftext|> inside text, \u00a0nbsp\u2009thin\u3000ideographic \u200bzwsp end."
+)
+
+
+class FastPathUnavailable(ValueError):
+    """The tokenizer file does not have the shape the ``bpe`` engine reproduces."""
+
+
+@dataclass
+class BatchEncoder:
+    """``encode(texts) -> [ids array per text]`` and a description for the summary."""
+
+    name: str
+    encode: Callable[[list[str]], list[np.ndarray]]
+
+
+def _as_arrays(lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.int64) for ids in lists]
+
+
+def _library_hf(tokenizer: AbstractTokenizer, threads: int) -> BatchEncoder:
+    # The Rust thread pool reads its size when first used in the process.
+    os.environ.setdefault("RAYON_RS_NUM_CPUS", str(threads))
+    tok = tokenizer.backend
+    batch = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for e in batch(texts, add_special_tokens=False)]
+
+    return BatchEncoder(f"tokenizers encode_batch ({threads} threads)", encode)
+
+
+def _library_spm(tokenizer: AbstractTokenizer, threads: int) -> BatchEncoder:
+    sp = tokenizer.backend
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return _as_arrays(sp.encode(texts, out_type=int, num_threads=threads))
+
+    return BatchEncoder(f"sentencepiece batch encode ({threads} threads)", encode)
+
+
+def _library_tiktoken(tokenizer: AbstractTokenizer, threads: int) -> BatchEncoder:
+    enc = tokenizer.backend
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        if threads == 1:
+            return _as_arrays([enc.encode_ordinary(t) for t in texts])
+        return _as_arrays(enc.encode_ordinary_batch(texts, num_threads=threads))
+
+    return BatchEncoder(f"tiktoken ({threads} threads)", encode)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``bpe`` engine: byte-level BPE through tiktoken, ids mapped back to the tokenizer's ids.
+
+
+def _merge_pairs(merges: list[Any], source: str) -> list[tuple[str, str]]:
+    pairs = []
+    for m in merges:
+        if isinstance(m, str):
+            parts = m.split(" ")
+        else:
+            parts = list(m)
+        if len(parts) != 2:
+            raise FastPathUnavailable(f"{source}: merge {m!r} is not a pair")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+@dataclass
+class _ByteLevelBPE:
+    ranks: dict[bytes, int]
+    rank_to_id: np.ndarray
+    specials: dict[str, int]  # text -> rank (mapped to the tokenizer id by rank_to_id)
+
+
+def _byte_level_tables(
+    vocab: dict[str, int], merges: list[tuple[str, str]], added: dict[str, int], source: str
+) -> _ByteLevelBPE:
+    alphabet = byte_level_alphabet()
+
+    def to_bytes(token: str) -> bytes:
+        try:
+            return bytes(alphabet[c] for c in token)
+        except KeyError:
+            raise FastPathUnavailable(f"{source}: token {token!r} is not byte-level") from None
+
+    char_of_byte = {b: c for c, b in alphabet.items()}
+    table = np.full(256 + len(merges) + len(added), -1, dtype=np.int64)
+    ranks: dict[bytes, int] = {}
+    for b in range(256):
+        if char_of_byte[b] not in vocab:
+            raise FastPathUnavailable(f"{source}: byte {b} has no token")
+        ranks[bytes([b])] = b
+        table[b] = vocab[char_of_byte[b]]
+    for i, (left, right) in enumerate(merges):
+        merged = left + right
+        if left not in vocab or right not in vocab or merged not in vocab:
+            raise FastPathUnavailable(f"{source}: merge {left} {right} leaves the vocabulary")
+        key = to_bytes(merged)
+        if key in ranks:
+            raise FastPathUnavailable(f"{source}: {merged!r} is produced by two merges")
+        ranks[key] = 256 + i
+        table[256 + i] = vocab[merged]
+    specials = {}
+    for j, (text, token_id) in enumerate(added.items()):
+        specials[text] = 256 + len(merges) + j
+        table[256 + len(merges) + j] = token_id
+    return _ByteLevelBPE(ranks, table, specials)
+
+
+def _tables_from_tokenizer_json(path: str) -> _ByteLevelBPE:
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    why = None
+    if spec.get("normalizer") is not None:
+        why = "it has a normalizer"
+    elif pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get(
+        "use_regex", True
+    ):
+        why = "its pre-tokenizer is not ByteLevel without prefix space"
+    elif model.get("type") != "BPE":
+        why = "its model is not BPE"
+    elif model.get("dropout") or model.get("continuing_subword_prefix") or model.get(
+        "end_of_word_suffix"
+    ):
+        why = "its BPE uses dropout or word affixes"
+    elif model.get("byte_fallback") or model.get("ignore_merges"):
+        why = "its BPE uses byte_fallback or ignore_merges"
+    if why:
+        raise FastPathUnavailable(f"{path}: {why}")
+    added = {}
+    for tok in spec.get("added_tokens") or []:
+        if tok.get("single_word") or tok.get("lstrip") or tok.get("rstrip"):
+            raise FastPathUnavailable(f"{path}: added token {tok['content']!r} has match rules")
+        added[tok["content"]] = int(tok["id"])
+    texts = list(added)
+    if any(a != b and a in b for a in texts for b in texts):
+        raise FastPathUnavailable(f"{path}: one added token contains another")
+    merges = _merge_pairs(model.get("merges") or [], path)
+    return _byte_level_tables(model.get("vocab") or {}, merges, added, path)
+
+
+def _tables_from_gpt2_files(vocab_file: str, merge_file: str) -> _ByteLevelBPE:
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(merge_file, encoding="utf-8") as f:
+        lines = [ln.rstrip("\n") for ln in f]
+    merges = [ln for ln in lines if ln and not ln.startswith("#version")]
+    return _byte_level_tables(vocab, _merge_pairs(merges, merge_file), {}, merge_file)
+
+
+def _bpe_engine(tables: _ByteLevelBPE, threads: int) -> BatchEncoder:
+    import tiktoken
+
+    enc = tiktoken.Encoding(
+        name="byte-level-bpe",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=tables.ranks,
+        special_tokens=tables.specials,
+    )
+    table = tables.rank_to_id
+    if tables.specials:
+
+        def one(text: str) -> list[int]:
+            return enc.encode(text, allowed_special="all")
+
+        def many(texts: list[str]) -> list[list[int]]:
+            return enc.encode_batch(texts, num_threads=threads, allowed_special="all")
+    else:
+        one = enc.encode_ordinary
+
+        def many(texts: list[str]) -> list[list[int]]:
+            return enc.encode_ordinary_batch(texts, num_threads=threads)
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        lists = [one(t) for t in texts] if threads == 1 else many(texts)
+        return [table[np.asarray(ids, dtype=np.int64)] for ids in lists]
+
+    return BatchEncoder(f"byte-level BPE via tiktoken ({threads} threads)", encode)
+
+
+def make_batch_encoder(
+    tokenizer: AbstractTokenizer,
+    vocab_file: str | None,
+    merge_file: str | None,
+    threads: int,
+    engine: str = "auto",
+) -> tuple[BatchEncoder | None, str | None]:
+    """The fastest in-process batch encoder for ``tokenizer``, or None (use worker processes).
+
+    Returns ``(encoder, note)``; the note says why the ``bpe`` engine was not used, if it
+    was considered and refused.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+    threads = max(1, int(threads))
+    note = None
+    if isinstance(tokenizer, (HFTokenizer, GPT2BPETokenizer)):
+        if engine == "auto":
+            try:
+                if isinstance(tokenizer, HFTokenizer):
+                    tables = _tables_from_tokenizer_json(str(vocab_file))
+                else:
+                    tables = _tables_from_gpt2_files(str(vocab_file), str(merge_file))
+                fast = _bpe_engine(tables, threads)
+                want = tokenizer.tokenize(PROBE_TEXT)
+                if fast.encode([PROBE_TEXT])[0].tolist() == want:
+                    return fast, None
+                note = "the byte-level BPE engine disagrees with the tokenizer on a probe text"
+            except FastPathUnavailable as e:
+                note = f"byte-level BPE engine not used: {e}"
+            except ImportError:
+                note = "byte-level BPE engine not used: tiktoken is not installed"
+        return _library_hf(tokenizer, threads), note
+    if isinstance(tokenizer, SPMTokenizer):
+        return _library_spm(tokenizer, threads), None
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return _library_tiktoken(tokenizer, threads), None
+    return None, None
