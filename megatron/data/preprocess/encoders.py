@@ -18,8 +18,9 @@ other ``HFTokenizer``  ``tokenizers``' ``encode_batch`` on its Rust thread pool 
 ``TiktokenTokenizer``  tiktoken's batch encoding with ``num_threads``.
 =====================  ===================================================================
 
-``engine="library"`` skips the ``bpe`` engine. Tokenizers without a batch engine (and
-``--ftfy``, which is pure Python) use worker processes instead (see ``pipeline``).
+``engine="library"`` skips the ``bpe`` engine; ``engine="processes"`` (and tokenizers
+without a batch engine, and ``--ftfy``, which is pure Python) use worker processes that
+encode one document at a time instead (see ``pipeline``).
 """
 
 from __future__ import annotations
@@ -128,35 +129,34 @@ def _byte_level_tables(
     vocab: dict[str, int], merges: list[tuple[str, str]], added: dict[str, int], source: str
 ) -> _ByteLevelBPE:
     alphabet = byte_level_alphabet()
-
-    def to_bytes(token: str) -> bytes:
-        try:
-            return bytes(alphabet[c] for c in token)
-        except KeyError:
-            raise FastPathUnavailable(f"{source}: token {token!r} is not byte-level") from None
-
+    # token text -> its bytes: each byte-level character stands for one byte (latin-1 code)
+    to_latin1 = str.maketrans({c: chr(b) for c, b in alphabet.items()})
     char_of_byte = {b: c for c, b in alphabet.items()}
-    table = np.full(256 + len(merges) + len(added), -1, dtype=np.int64)
+    ids: list[int] = []
     ranks: dict[bytes, int] = {}
     for b in range(256):
         if char_of_byte[b] not in vocab:
             raise FastPathUnavailable(f"{source}: byte {b} has no token")
         ranks[bytes([b])] = b
-        table[b] = vocab[char_of_byte[b]]
+        ids.append(vocab[char_of_byte[b]])
     for i, (left, right) in enumerate(merges):
         merged = left + right
-        if left not in vocab or right not in vocab or merged not in vocab:
+        token_id = vocab.get(merged)
+        if token_id is None or left not in vocab or right not in vocab:
             raise FastPathUnavailable(f"{source}: merge {left} {right} leaves the vocabulary")
-        key = to_bytes(merged)
+        try:
+            key = merged.translate(to_latin1).encode("latin-1")
+        except UnicodeEncodeError:
+            raise FastPathUnavailable(f"{source}: token {merged!r} is not byte-level") from None
         if key in ranks:
             raise FastPathUnavailable(f"{source}: {merged!r} is produced by two merges")
         ranks[key] = 256 + i
-        table[256 + i] = vocab[merged]
+        ids.append(token_id)
     specials = {}
-    for j, (text, token_id) in enumerate(added.items()):
-        specials[text] = 256 + len(merges) + j
-        table[256 + len(merges) + j] = token_id
-    return _ByteLevelBPE(ranks, table, specials)
+    for text, token_id in added.items():
+        specials[text] = len(ids)
+        ids.append(token_id)
+    return _ByteLevelBPE(ranks, np.asarray(ids, dtype=np.int64), specials)
 
 
 def _tables_from_tokenizer_json(path: str) -> _ByteLevelBPE:
@@ -248,6 +248,8 @@ def make_batch_encoder(
         raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     threads = max(1, int(threads))
     note = None
+    if engine == "processes":
+        return None, None
     if isinstance(tokenizer, (HFTokenizer, GPT2BPETokenizer)):
         if engine == "auto":
             try:

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
 # numpy, the indexed dataset writer and the encoders are imported when work starts, so that
 # ``--help`` and argument errors come back at once.
-ENGINES = ("auto", "library")  # see megatron.data.preprocess.encoders
+ENGINES = ("auto", "library", "processes")  # see megatron.data.preprocess.encoders
 MAX_BAD_LISTED = 10
 
 
@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ENGINES,
         default="auto",
         help="auto: byte-level BPE tokenizers run on tiktoken when that is exact (a probe "
-        "text is checked); library: always the tokenizer's own library",
+        "text is checked); library: the tokenizer's own library, batched on its threads; "
+        "processes: one document at a time in --workers processes (the pre-batching path)",
     )
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True)
