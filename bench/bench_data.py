@@ -44,12 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from megatron.data import helpers
+from megatron.data.gpt2_dataset import GPT2Dataset
+from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
 
-from megatron.data import helpers  # noqa: E402
-from megatron.data.gpt2_dataset import GPT2Dataset  # noqa: E402
-from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder  # noqa: E402
+# The timed scripts are this checkout's, run with it first on PYTHONPATH.
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 50257
 TOKENIZERS = ("HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer")
