@@ -134,3 +134,15 @@ def test_preprocessing_does_not_import_torch():
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_a_later_shard_reports_true_line_numbers(tmp_path, bpe_files, capsys):
+    lines = [json.dumps({"text": f"document number {i}"}) for i in range(30)]
+    lines[24] = "{broken"
+    src = write_jsonl(tmp_path / "x.jsonl", lines)
+    argv = ["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--num-shards", "2"]
+    argv += ["--tokenizer-type", "HFTokenizer", "--vocab-file", bpe_files["tokenizer_json"]]
+    assert preprocess_data.main([*argv, "--shard-index", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{src}:25: invalid JSON" in out and "1 bad records" in out
+    assert MMapIndexedDataset(tmp_path / "o-00001-of-00002_text_document").num_documents == 14
