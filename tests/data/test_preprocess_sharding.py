@@ -146,3 +146,22 @@ def test_a_later_shard_reports_true_line_numbers(tmp_path, bpe_files, capsys):
     out = capsys.readouterr().out
     assert f"{src}:25: invalid JSON" in out and "1 bad records" in out
     assert MMapIndexedDataset(tmp_path / "o-00001-of-00002_text_document").num_documents == 14
+
+
+def test_sentencepiece_word_engine_is_used_and_refused_where_it_would_differ(tmp_path, spm_file):
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    tok = build_tokenizer("SPMTokenizer", spm_file)
+    fast, note = encoders.make_batch_encoder(tok, spm_file, None, 1)
+    assert "word by word" in fast.name and note is None
+    texts = ["  two  spaces\tand a tab ", "x", "naïve café 日本語 🙂"]
+    assert [a.tolist() for a in fast.encode(texts)] == [tok.tokenize(t) for t in texts]
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(open(spm_file, "rb").read())
+    proto.normalizer_spec.remove_extra_whitespaces = True  # "a  b" is now "a b"
+    folded = tmp_path / "folded.model"
+    folded.write_bytes(proto.SerializeToString())
+    tok2 = build_tokenizer("SPMTokenizer", folded)
+    slow, note = encoders.make_batch_encoder(tok2, str(folded), None, 1)
+    assert "batch encode" in slow.name and "whitespace" in note
+    assert [a.tolist() for a in slow.encode(texts)] == [tok2.tokenize(t) for t in texts]

@@ -14,17 +14,22 @@ GPT-2 style            times faster than the ``tokenizers`` library; ids are map
 ``GPT2BPETokenizer``)  (no normalizer, ``ByteLevel`` pre-tokenizer without prefix space, plain
                        BPE, unique merges) and a probe text encodes identically both ways.
 other ``HFTokenizer``  ``tokenizers``' ``encode_batch`` on its Rust thread pool (``library``).
-``SPMTokenizer``       SentencePiece's batch ``encode`` with ``num_threads``.
+``SPMTokenizer``       SentencePiece BPE with identity normalization (the common case, e.g.
+                       LLaMA's): each distinct space-separated word is encoded once and
+                       remembered (``words``), exact when no piece can span two words (checked
+                       on the model's pieces and normalizer, and on a probe text). Otherwise
+                       SentencePiece's batch ``encode`` with ``num_threads``.
 ``TiktokenTokenizer``  tiktoken's batch encoding with ``num_threads``.
 =====================  ===================================================================
 
-``engine="library"`` skips the ``bpe`` engine; ``engine="processes"`` (and tokenizers
+``engine="library"`` skips the ``bpe`` and ``words`` engines; ``engine="processes"`` (and tokenizers
 without a batch engine, and ``--ftfy``, which is pure Python) use worker processes that
 encode one document at a time instead (see ``pipeline``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -88,6 +93,61 @@ def _library_spm(tokenizer: AbstractTokenizer, threads: int) -> BatchEncoder:
         return _as_arrays(sp.encode(texts, out_type=int, num_threads=threads))
 
     return BatchEncoder(f"sentencepiece batch encode ({threads} threads)", encode)
+
+
+SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _spm_word_cache_refusal(sp: Any) -> str | None:
+    """Why a SentencePiece model cannot be encoded word by word, or None when it can.
+
+    Word by word is exact when the normalized text is the input with spaces made visible
+    plus one leading visible space (identity normalization, dummy prefix, no whitespace
+    folding), the model is BPE, and no piece holds a visible space after its first
+    character: then no merge can join two space-separated words, and merges inside one word
+    do not depend on the others.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    except ImportError:
+        return "the sentencepiece model protobuf module is unavailable"
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    if trainer.model_type != model_pb2.TrainerSpec.BPE:
+        return "the model is not BPE"
+    if norm.precompiled_charsmap or norm.remove_extra_whitespaces or not norm.add_dummy_prefix:
+        return "its normalization maps characters or whitespace"
+    if not norm.escape_whitespaces or trainer.treat_whitespace_as_suffix:
+        return "it does not mark word starts with a visible space"
+    user_defined = model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    for piece in proto.pieces:
+        if piece.type == user_defined or SPACE in piece.piece[1:]:
+            return f"piece {piece.piece!r} can span words"
+    if sp.piece_to_id(SPACE) == sp.unk_id():
+        return "it has no piece for a lone space"
+    return None
+
+
+def _spm_words(tokenizer: AbstractTokenizer, threads: int, max_words: int) -> BatchEncoder:
+    """SentencePiece BPE, each distinct space-separated word encoded once and remembered."""
+    sp = tokenizer.backend
+    cache: dict[str, list[int]] = {"": [sp.piece_to_id(SPACE)]}
+    chain = itertools.chain.from_iterable
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        words = [t.split(" ") for t in texts]
+        missing = list(set(chain(words)).difference(cache))
+        if missing:
+            if len(cache) + len(missing) > max_words:
+                cache.clear()
+                cache[""] = [sp.piece_to_id(SPACE)]
+            for word, ids in zip(missing, sp.encode(missing, out_type=int, num_threads=threads)):
+                cache[word] = ids
+        get = cache.__getitem__
+        return [np.fromiter(chain(map(get, ws)), dtype=np.int64) for ws in words]
+
+    return BatchEncoder(f"sentencepiece BPE, word by word ({threads} threads)", encode)
 
 
 def _library_tiktoken(tokenizer: AbstractTokenizer, threads: int) -> BatchEncoder:
@@ -268,7 +328,18 @@ def make_batch_encoder(
                 note = "byte-level BPE engine not used: tiktoken is not installed"
         return _library_hf(tokenizer, threads), note
     if isinstance(tokenizer, SPMTokenizer):
-        return _library_spm(tokenizer, threads), None
+        library = _library_spm(tokenizer, threads)
+        if engine != "auto":
+            return library, None
+        why = _spm_word_cache_refusal(tokenizer.backend)
+        if why is None:
+            words = _spm_words(tokenizer, threads, max_words=1 << 20)
+            probe = [PROBE_TEXT, " " + PROBE_TEXT + "  "]
+            got = [a.tolist() for a in words.encode(probe)]
+            if got == [a.tolist() for a in library.encode(probe)]:
+                return words, None
+            why = "word-by-word encoding disagrees with the model on a probe text"
+        return library, f"word-by-word SentencePiece engine not used: {why}"
     if isinstance(tokenizer, TiktokenTokenizer):
         return _library_tiktoken(tokenizer, threads), None
     return None, None
