@@ -457,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spm-vocab", type=int, default=16000)
     p.add_argument("--skip-indexing", action="store_true",
                    help="preprocessing only (keeps the other sections of an existing result)")
+    p.add_argument("--skip-preprocessing", action="store_true",
+                   help="tools and indexing only (keeps the preprocessing of an existing result)")
     p.add_argument(
         "--output", default=str(Path(__file__).resolve().parent / "results" / "data.json")
     )
@@ -471,17 +473,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.output)
     results: dict = {"quick": args.quick, "sizes": sizes, "environment": environment()}
-    if args.skip_indexing and out.is_file():
+    kept = ("indexing", "blending", "tools") if args.skip_indexing else ()
+    kept += ("preprocessing",) if args.skip_preprocessing else ()
+    if kept and out.is_file():
         previous = json.loads(out.read_text())
-        for key in ("indexing", "blending", "tools"):
-            if key in previous:
-                results[key] = previous[key]
+        results.update({key: previous[key] for key in kept if key in previous})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        print(f"preprocessing ({args.preprocess_mb:g} MB of English jsonl, whole processes, "
-              f"median of {args.repeat}):")
-        results["preprocessing"] = bench_preprocessing(work, args)
+        if not args.skip_preprocessing:
+            print(f"preprocessing ({args.preprocess_mb:g} MB of English jsonl, whole processes, "
+                  f"median of {args.repeat}):")
+            results["preprocessing"] = bench_preprocessing(work, args)
         if not args.skip_indexing:
             print(f"index building ({sizes['index_tokens'] / 1e6:.0f}M-token synthetic corpus):")
             results["indexing"] = bench_indexing(work, sizes["index_tokens"], compile_c_loop(work))
