@@ -8,13 +8,13 @@ DeepSpeed -- the data preprocessing, for one -- start without importing torch at
 """
 
 import sys
-from importlib.abc import MetaPathFinder
 
 __version__ = "0.1.0"
 
 
-class _AcceleratorBeforeDeepSpeed(MetaPathFinder):
-    """Runs ``ensure_accelerator_env`` just before the first ``import deepspeed``."""
+class _AcceleratorBeforeDeepSpeed:
+    """A ``sys.meta_path`` finder that runs ``ensure_accelerator_env`` just before the first
+    ``import deepspeed`` and then steps aside (it never finds a module itself)."""
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001
         if fullname == "deepspeed":
