@@ -165,3 +165,16 @@ def test_sentencepiece_word_engine_is_used_and_refused_where_it_would_differ(tmp
     slow, note = encoders.make_batch_encoder(tok2, str(folded), None, 1)
     assert "batch encode" in slow.name and "whitespace" in note
     assert [a.tolist() for a in slow.encode(texts)] == [tok2.tokenize(t) for t in texts]
+
+
+def test_deepspeed_import_still_gets_the_accelerator_choice():
+    """Importing megatron no longer imports torch; DS_ACCELERATOR is set when DeepSpeed loads."""
+    code = (
+        "import os, sys; os.environ.pop('DS_ACCELERATOR', None); import megatron; "
+        "before = ('torch' in sys.modules, os.environ.get('DS_ACCELERATOR')); import deepspeed; "
+        "print(before, os.environ.get('DS_ACCELERATOR'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] in ("(False, None) cpu", "(False, None) cuda")
