@@ -165,17 +165,19 @@ def _library_tiktoken(tokenizer: AbstractTokenizer, threads: int) -> BatchEncode
 # The ``bpe`` engine: byte-level BPE through tiktoken, ids mapped back to the tokenizer's ids.
 
 
-def _merge_pairs(merges: list[Any], source: str) -> list[tuple[str, str]]:
-    pairs = []
-    for m in merges:
-        if isinstance(m, str):
-            parts = m.split(" ")
-        else:
-            parts = list(m)
-        if len(parts) != 2:
-            raise FastPathUnavailable(f"{source}: merge {m!r} is not a pair")
-        pairs.append((parts[0], parts[1]))
-    return pairs
+def _merge_pairs(merges: list[Any], source: str) -> tuple[list[str], list[str]]:
+    """Left and right parts of every merge (``"a b"`` strings or ``[a, b]`` lists)."""
+    if merges and isinstance(merges[0], str):
+        parts = [m.split(" ") for m in merges]
+    else:
+        parts = [list(m) for m in merges]
+    if any(len(pair) != 2 for pair in parts):
+        bad = next(m for m, pair in zip(merges, parts) if len(pair) != 2)
+        raise FastPathUnavailable(f"{source}: merge {bad!r} is not a pair")
+    if not parts:
+        return [], []
+    lefts, rights = zip(*parts)
+    return list(lefts), list(rights)
 
 
 @dataclass
@@ -186,32 +188,36 @@ class _ByteLevelBPE:
 
 
 def _byte_level_tables(
-    vocab: dict[str, int], merges: list[tuple[str, str]], added: dict[str, int], source: str
+    vocab: dict[str, int],
+    merges: tuple[list[str], list[str]],
+    added: dict[str, int],
+    source: str,
 ) -> _ByteLevelBPE:
+    lefts, rights = merges
     alphabet = byte_level_alphabet()
-    # token text -> its bytes: each byte-level character stands for one byte (latin-1 code)
-    to_latin1 = str.maketrans({c: chr(b) for c, b in alphabet.items()})
     char_of_byte = {b: c for c, b in alphabet.items()}
-    ids: list[int] = []
-    ranks: dict[bytes, int] = {}
-    for b in range(256):
-        if char_of_byte[b] not in vocab:
-            raise FastPathUnavailable(f"{source}: byte {b} has no token")
-        ranks[bytes([b])] = b
-        ids.append(vocab[char_of_byte[b]])
-    for i, (left, right) in enumerate(merges):
-        merged = left + right
-        token_id = vocab.get(merged)
-        if token_id is None or left not in vocab or right not in vocab:
-            raise FastPathUnavailable(f"{source}: merge {left} {right} leaves the vocabulary")
-        try:
-            key = merged.translate(to_latin1).encode("latin-1")
-        except UnicodeEncodeError:
-            raise FastPathUnavailable(f"{source}: token {merged!r} is not byte-level") from None
-        if key in ranks:
-            raise FastPathUnavailable(f"{source}: {merged!r} is produced by two merges")
-        ranks[key] = 256 + i
-        ids.append(token_id)
+    missing = [b for b in range(256) if char_of_byte[b] not in vocab]
+    if missing:
+        raise FastPathUnavailable(f"{source}: byte {missing[0]} has no token")
+    merged = [left + right for left, right in zip(lefts, rights)]
+    if not vocab.keys() >= set(lefts).union(rights, merged):
+        bad = next(i for i, m in enumerate(merged) if not {lefts[i], rights[i], m} <= vocab.keys())
+        raise FastPathUnavailable(f"{source}: merge {lefts[bad]} {rights[bad]} leaves the vocabulary")
+    # token text -> its bytes: each byte-level character stands for one byte (latin-1 code);
+    # all merged tokens are converted in one pass, joined by a character no token contains
+    to_latin1 = str.maketrans({c: chr(b) for c, b in alphabet.items()})
+    try:
+        joined = "\x00".join(merged).translate(to_latin1).encode("latin-1")
+    except UnicodeEncodeError:
+        raise FastPathUnavailable(f"{source}: a merged token is not byte-level") from None
+    keys = joined.split(b"\x00") if merged else []
+    if len(keys) != len(merged) or "\x00" in alphabet:
+        raise FastPathUnavailable(f"{source}: a merged token is not byte-level")
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update(zip(keys, range(256, 256 + len(keys))))
+    if len(ranks) != 256 + len(keys):
+        raise FastPathUnavailable(f"{source}: one token is produced by two merges")
+    ids = [vocab[char_of_byte[b]] for b in range(256)] + [vocab[m] for m in merged]
     specials = {}
     for text, token_id in added.items():
         specials[text] = len(ids)
