@@ -354,6 +354,7 @@ def bench_preprocessing(work: Path, args: argparse.Namespace) -> dict:
         },
         "repeats": args.repeat,
         "upstream": args.upstream,
+        "load_average_at_start": list(os.getloadavg()),
         "startup_help_seconds": startup_seconds(ours_env, 5),
         "cases": [],
     }
@@ -404,6 +405,7 @@ def bench_preprocessing(work: Path, args: argparse.Namespace) -> dict:
                          f"{case['speedup']:.2f}x, identical bytes: {identical}")
             out["cases"].append(case)
             print(line, flush=True)
+    out["load_average_at_end"] = list(os.getloadavg())
     return out
 
 

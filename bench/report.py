@@ -344,7 +344,10 @@ def data_section(data: dict[str, Any]) -> list[str]:
         f"`--append-eod`, median of {pre['repeats']} runs"
         + (", ours and GPT-NeoX's `tools/datasets/preprocess_data.py` alternating"
            if pre.get("upstream") else "")
-        + f". `preprocess_data.py --help` takes {pre['startup_help_seconds']:.2f} s.",
+        + f". `preprocess_data.py --help` takes {pre['startup_help_seconds']:.2f} s."
+        + (f" Load average during these runs: {pre['load_average_at_start'][0]:.1f} at the "
+           f"start, {pre['load_average_at_end'][0]:.1f} at the end (the machine is shared)."
+           if "load_average_at_start" in pre else ""),
         "",
     ]
     for kind, desc in pre["tokenizer_files"].items():
@@ -406,8 +409,8 @@ def data_section(data: dict[str, Any]) -> list[str]:
         ]
     bl = data.get("blending")
     if bl:
-        lines.append(f"Blending indices for {bl['samples'] / 1e6:.0f}M samples over "
-                     f"{bl['datasets']} datasets: {bl['seconds']:.2f} s.")
+        lines += ["", f"Blending indices for {bl['samples'] / 1e6:.0f}M samples over "
+                  f"{bl['datasets']} datasets: {bl['seconds']:.2f} s."]
     return lines
 
 
