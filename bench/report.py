@@ -148,24 +148,7 @@ def summary_table(train: dict[str, Any] | None, ckpt: dict[str, Any] | None,
             f"parameters, {ckpt['bytes'] / 1e6:.0f} MB) | save {ckpt['save_seconds_median']:.2f} s, "
             f"load {ckpt['load_seconds_median']:.2f} s | `{ckpt['command']}` |")
     if data:
-        cmd = "python bench/bench_data.py" + (" --quick" if data.get("quick") else "")
-        for run in data["preprocessing"]["runs"]:
-            rows.append(
-                f"| preprocessing, {run['workers']} worker(s) | {run['tokens_per_s']:,.0f} "
-                f"tokens/s, {run['mb_per_s']:.2f} MB/s, {run['docs_per_s']:.0f} docs/s | `{cmd}` |")
-        idx = data["indexing"]
-        for cfg in idx["configs"]:
-            total = cfg["doc_idx_seconds"] + cfg["sample_idx_numpy_seconds"] + \
-                cfg["shuffle_idx_seconds"]
-            rows.append(
-                f"| index building, {idx['tokens'] / 1e6:.0f}M tokens, seq {cfg['seq_length']}, "
-                f"{cfg['epochs']} epoch(s) | {total * 1000:.0f} ms ({cfg['samples']:,} samples) | "
-                f"`{cmd}` |")
-        g = idx["gpt2_dataset"]
-        rows.append(
-            f"| GPT2Dataset build, seq {g['seq_length']} | cold {g['cold_build_seconds'] * 1000:.0f} "
-            f"ms, warm {g['warm_load_seconds'] * 1000:.1f} ms, {g['random_reads_per_s']:,.0f} "
-            f"random samples/s | `{cmd}` |")
+        rows += _data_summary_rows(data)
     return rows
 
 
@@ -291,50 +274,143 @@ def checkpoint_section(ckpt: dict[str, Any]) -> list[str]:
     ]
 
 
-def data_section(data: dict[str, Any]) -> list[str]:
+def _data_cmd(data: dict[str, Any]) -> str:
+    pre = data["preprocessing"]
     cmd = "python bench/bench_data.py" + (" --quick" if data.get("quick") else "")
+    if pre.get("upstream"):
+        cmd += " --upstream GPT-NEOX-DIR"
+    return cmd
+
+
+def _case_result(case: dict[str, Any]) -> str:
+    o = case["ours"]
+    text = (f"{o['median_s']:.2f} s ({o['mb_per_s']:.2f} MB/s, {o['tokens_per_s']:,.0f} "
+            "tokens/s)")
+    if "upstream" in case:
+        text += (f"; GPT-NeoX {case['upstream']['median_s']:.2f} s: **{case['speedup']:.2f}x**"
+                 f", identical bytes: {'yes' if case['identical_output'] else 'NO'}")
+    return text
+
+
+def _index_tokens_per_s(idx: dict[str, Any], cfg: dict[str, Any]) -> float:
+    total = cfg["doc_idx_seconds"] + cfg["sample_idx_numpy_seconds"] + cfg["shuffle_idx_seconds"]
+    return idx["tokens"] * cfg["epochs"] / total
+
+
+def _data_summary_rows(data: dict[str, Any]) -> list[str]:
+    cmd = _data_cmd(data)
+    pre = data["preprocessing"]
+    rows = []
+    for case in pre["cases"]:
+        rows.append(
+            f"| preprocessing {pre['input_mb']:.0f} MB, {case['tokenizer']}, {case['workers']} "
+            f"worker(s), whole process | {_case_result(case)} | `{case['command']}` |")
+    tools = data.get("tools")
+    if tools:
+        c, m = tools["dataset_token_count"], tools["merge_datasets"]
+        rows.append(f"| dataset_token_count, {c['tokens'] / 1e6:.0f}M tokens, whole process | "
+                    f"{c['seconds']:.2f} s ({c['tokens_per_s'] / 1e6:,.0f}M tokens/s) | "
+                    f"`{c['command']}` |")
+        rows.append(f"| merge_datasets, {m['tokens'] / 1e6:.0f}M tokens, whole process | "
+                    f"{m['seconds']:.2f} s ({m['tokens_per_s'] / 1e6:,.0f}M tokens/s, "
+                    f"{m['gb_per_s']:.2f} GB/s) | `{m['command']}` |")
+    idx = data.get("indexing")
+    if idx:
+        for cfg in idx["configs"]:
+            total = cfg["doc_idx_seconds"] + cfg["sample_idx_numpy_seconds"] + \
+                cfg["shuffle_idx_seconds"]
+            rows.append(
+                f"| index building, {idx['tokens'] / 1e6:.0f}M tokens, seq {cfg['seq_length']}, "
+                f"{cfg['epochs']} epoch(s) | {total * 1000:.0f} ms ({cfg['samples']:,} samples, "
+                f"{_index_tokens_per_s(idx, cfg) / 1e9:.2f}G tokens/s) | `{cmd}` |")
+        g = idx["gpt2_dataset"]
+        rows.append(
+            f"| GPT2Dataset build, seq {g['seq_length']} | cold {g['cold_build_seconds'] * 1000:.0f} "
+            f"ms ({idx['tokens'] / g['cold_build_seconds'] / 1e6:,.0f}M tokens/s), warm "
+            f"{g['warm_load_seconds'] * 1000:.1f} ms, {g['random_reads_per_s']:,.0f} random "
+            f"samples/s | `{cmd}` |")
+    return rows
+
+
+def data_section(data: dict[str, Any]) -> list[str]:
+    cmd = _data_cmd(data)
     pre = data["preprocessing"]
     lines = [
         "## Data",
         "",
         f"`{cmd}` ({'quick' if data.get('quick') else 'full'} sizes; details in the script's "
-        "docstring). Preprocessing: "
-        f"{pre['input_mb']:.0f} MB of jsonl, {pre['documents']:,} documents, {pre['tokenizer']}; "
-        "best of two runs.",
+        "docstring). Preprocessing is timed as whole processes (start-up and imports included): "
+        f"{pre['input_mb']:.1f} MB of jsonl, {pre['documents']:,} documents ({pre['text']}), "
+        f"`--append-eod`, median of {pre['repeats']} runs"
+        + (", ours and GPT-NeoX's `tools/datasets/preprocess_data.py` alternating"
+           if pre.get("upstream") else "")
+        + f". `preprocess_data.py --help` takes {pre['startup_help_seconds']:.2f} s."
+        + (f" Load average during these runs: {pre['load_average_at_start'][0]:.1f} at the "
+           f"start, {pre['load_average_at_end'][0]:.1f} at the end (the machine is shared)."
+           if "load_average_at_start" in pre else ""),
         "",
-        "| preprocessing | seconds | documents/s | MB/s | tokens/s |",
-        "|---|---|---|---|---|",
     ]
-    for run in pre["runs"]:
-        lines.append(f"| {run['workers']} worker(s) | {run['seconds']:.1f} | "
-                     f"{run['docs_per_s']:.0f} | {run['mb_per_s']:.2f} | "
-                     f"{run['tokens_per_s']:,.0f} |")
-    idx = data["indexing"]
+    for kind, desc in pre["tokenizer_files"].items():
+        lines.append(f"- {kind}: {desc}")
     lines += [
         "",
-        f"Index building on a synthetic {idx['tokens'] / 1e6:.0f}M-token corpus "
-        f"({idx['documents']:,} documents, written in {idx['write_seconds']:.2f} s):",
-        "",
-        "| seq | epochs | samples | doc_idx | sample_idx (numpy) | sample_idx (C loop) | "
-        "sample_idx (Python loop, extrapolated) | shuffle_idx |",
+        "| tokenizer | workers | seconds | MB/s | tokens/s | GPT-NeoX seconds | speedup | "
+        "identical bytes |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for cfg in idx["configs"]:
-        c_loop = cfg.get("sample_idx_c_loop_seconds")
+    for case in pre["cases"]:
+        o, u = case["ours"], case.get("upstream")
         lines.append(
-            f"| {cfg['seq_length']} | {cfg['epochs']} | {cfg['samples']:,} | "
-            f"{cfg['doc_idx_seconds'] * 1000:.1f} ms | {cfg['sample_idx_numpy_seconds'] * 1000:.1f} ms | "
-            f"{'n/a' if c_loop is None else f'{c_loop * 1000:.1f} ms'} | "
-            f"{cfg['sample_idx_python_loop_seconds_extrapolated']:.2f} s | "
-            f"{cfg['shuffle_idx_seconds'] * 1000:.1f} ms |")
-    g, bl = idx["gpt2_dataset"], data["blending"]
-    lines += [
-        "",
-        f"`GPT2Dataset` (seq {g['seq_length']}, {g['samples']:,} samples): cold build "
-        f"{g['cold_build_seconds'] * 1000:.0f} ms, warm load {g['warm_load_seconds'] * 1000:.1f} "
-        f"ms, {g['random_reads_per_s']:,.0f} random samples/s. Blending indices for "
-        f"{bl['samples'] / 1e6:.0f}M samples over {bl['datasets']} datasets: {bl['seconds']:.2f} s.",
-    ]
+            f"| {case['tokenizer']} | {case['workers']} | {o['median_s']:.2f} | "
+            f"{o['mb_per_s']:.2f} | {o['tokens_per_s']:,.0f} | "
+            + (f"{u['median_s']:.2f} | **{case['speedup']:.2f}x** | "
+               f"{'yes' if case['identical_output'] else 'NO'} |" if u else "n/a | n/a | n/a |"))
+    tools = data.get("tools")
+    if tools:
+        c, m = tools["dataset_token_count"], tools["merge_datasets"]
+        lines += [
+            "",
+            f"Dataset tools (whole processes): `dataset_token_count.py` counts "
+            f"{c['tokens'] / 1e6:.0f}M tokens in {c['seconds']:.2f} s (it reads only the "
+            f"{c['idx_gb'] * 1000:.0f} MB index: {c['tokens_per_s'] / 1e6:,.0f}M tokens/s); "
+            f"`merge_datasets.py` joins {m['tokens'] / 1e6:.0f}M tokens "
+            f"({m['bin_gb']:.2f} GB of `.bin`) in {m['seconds']:.2f} s "
+            f"({m['tokens_per_s'] / 1e6:,.0f}M tokens/s, {m['gb_per_s']:.2f} GB/s).",
+        ]
+    idx = data.get("indexing")
+    if idx:
+        lines += [
+            "",
+            f"Index building at training start on a synthetic {idx['tokens'] / 1e6:.0f}M-token "
+            f"corpus ({idx['documents']:,} documents, written in {idx['write_seconds']:.2f} s):",
+            "",
+            "| seq | epochs | samples | doc_idx | sample_idx (numpy) | sample_idx (C loop) | "
+            "sample_idx (Python loop, extrapolated) | shuffle_idx | tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for cfg in idx["configs"]:
+            c_loop = cfg.get("sample_idx_c_loop_seconds")
+            lines.append(
+                f"| {cfg['seq_length']} | {cfg['epochs']} | {cfg['samples']:,} | "
+                f"{cfg['doc_idx_seconds'] * 1000:.1f} ms | "
+                f"{cfg['sample_idx_numpy_seconds'] * 1000:.1f} ms | "
+                f"{'n/a' if c_loop is None else f'{c_loop * 1000:.1f} ms'} | "
+                f"{cfg['sample_idx_python_loop_seconds_extrapolated']:.2f} s | "
+                f"{cfg['shuffle_idx_seconds'] * 1000:.1f} ms | "
+                f"{_index_tokens_per_s(idx, cfg) / 1e9:.2f}G |")
+        g = idx["gpt2_dataset"]
+        lines += [
+            "",
+            f"`GPT2Dataset` (seq {g['seq_length']}, {g['samples']:,} samples): cold build "
+            f"{g['cold_build_seconds'] * 1000:.0f} ms "
+            f"({idx['tokens'] / g['cold_build_seconds'] / 1e6:,.0f}M tokens/s), warm load "
+            f"{g['warm_load_seconds'] * 1000:.1f} ms, {g['random_reads_per_s']:,.0f} random "
+            "samples/s.",
+        ]
+    bl = data.get("blending")
+    if bl:
+        lines += ["", f"Blending indices for {bl['samples'] / 1e6:.0f}M samples over "
+                  f"{bl['datasets']} datasets: {bl['seconds']:.2f} s."]
     return lines
 
 

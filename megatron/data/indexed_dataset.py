@@ -185,6 +185,20 @@ class _Index:
             )
 
 
+def _append_file(src: Any, dst: Any) -> None:
+    """Append all of ``src`` to ``dst`` in the kernel where it can (``copy_file_range``)."""
+    dst.flush()
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is not None:
+        try:
+            while copy_range(src.fileno(), dst.fileno(), _COPY_CHUNK):
+                pass
+            return
+        except OSError:  # e.g. a filesystem without it: copy through user space
+            pass
+    shutil.copyfileobj(src, dst, _COPY_CHUNK)
+
+
 def _warmup(path: str) -> None:
     buf = bytearray(_COPY_CHUNK)
     with open(path, "rb", buffering=0) as f:
@@ -440,7 +454,7 @@ class MMapIndexedDatasetBuilder:
         self._sizes.frombytes(np.ascontiguousarray(other.sizes, dtype=np.int32).tobytes())
         self._doc_idx.frombytes((other.doc_idx[1:] + offset).astype(np.int64).tobytes())
         with open(data_file_path(another_file), "rb") as f:
-            shutil.copyfileobj(f, self._file, _COPY_CHUNK)
+            _append_file(f, self._file)
 
     def finalize(self, index_file: str | os.PathLike) -> None:
         """Write the index and move both files to their final names."""

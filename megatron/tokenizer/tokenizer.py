@@ -113,6 +113,11 @@ class AbstractTokenizer(ABC):
     def pad(self) -> int:
         return self.eod
 
+    @property
+    def backend(self) -> Any:
+        """The library object doing the encoding (for batch / threaded use), or None."""
+        return None
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod}, pad={self.pad})"
@@ -132,6 +137,11 @@ class _HFBackedTokenizer(AbstractTokenizer):
                 f"{name}: {source} has no end-of-document token (looked for {', '.join(_EOD_CANDIDATES)})"
             )
         self._pad = next((vocab[t] for t in _PAD_CANDIDATES if t in vocab), self._eod)
+
+    @property
+    def backend(self) -> Any:
+        """The ``tokenizers.Tokenizer``."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:
@@ -284,6 +294,11 @@ class SPMTokenizer(AbstractTokenizer):
                 (sp.piece_to_id(t) for t in _PAD_CANDIDATES if self._has_piece(t)), self._eod
             )
 
+    @property
+    def backend(self) -> Any:
+        """The ``sentencepiece.SentencePieceProcessor``."""
+        return self._sp
+
     def _has_piece(self, piece: str) -> bool:
         i = self._sp.piece_to_id(piece)
         return i != self._sp.unk_id() or piece == self._sp.id_to_piece(self._sp.unk_id())
@@ -379,6 +394,11 @@ class TiktokenTokenizer(AbstractTokenizer):
             mergeable_ranks=ranks,
             special_tokens={EOD_TOKEN: self._eod},
         )
+
+    @property
+    def backend(self) -> Any:
+        """The ``tiktoken.Encoding``."""
+        return self._enc
 
     @property
     def vocab_size(self) -> int:

@@ -31,7 +31,7 @@ def corpus() -> list[str]:
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 400) -> Path:
     """A BPE ``tokenizer.json`` (eod ``<|endoftext|>`` = 0, ``<|padding|>`` = 1)."""
-    from tools.datasets.train_tokenizer import train_bpe
+    from megatron.data.preprocess.tokenizer_training import train_bpe
 
     return Path(train_bpe(corpus(), vocab_size, out_dir)["tokenizer_json"])
 

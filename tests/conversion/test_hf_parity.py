@@ -241,8 +241,8 @@ def test_tokenizer_files_load_with_autotokenizer(tmp_path, kind):
     from transformers import AutoTokenizer
 
     from megatron.conversion.hf_files import export_tokenizer
+    from megatron.data.preprocess.tokenizer_training import train_bpe, train_sentencepiece
     from megatron.tokenizer import build_tokenizer
-    from tools.datasets.train_tokenizer import train_bpe, train_sentencepiece
 
     if kind == "SPMTokenizer":
         files = {"vocab_file": train_sentencepiece(corpus(), 400, tmp_path)["model_file"],

@@ -28,13 +28,13 @@ def corpus_docs() -> list[str]:
 
 @pytest.fixture(scope="session")
 def bpe_files(tmp_path_factory, corpus_docs) -> dict[str, str]:
-    from tools.datasets.train_tokenizer import train_bpe
+    from megatron.data.preprocess.tokenizer_training import train_bpe
 
     return train_bpe(corpus_docs, 1200, tmp_path_factory.mktemp("bpe"), tiktoken=True)
 
 
 @pytest.fixture(scope="session")
 def spm_file(tmp_path_factory, corpus_docs) -> str:
-    from tools.datasets.train_tokenizer import train_sentencepiece
+    from megatron.data.preprocess.tokenizer_training import train_sentencepiece
 
     return train_sentencepiece(corpus_docs, 800, tmp_path_factory.mktemp("spm"))["model_file"]

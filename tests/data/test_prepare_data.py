@@ -6,8 +6,8 @@ from datatest_helpers import run_tool
 
 import prepare_data
 from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.preprocess.corpora import pydocs_documents
 from megatron.tokenizer import build_tokenizer
-from tools.datasets.corpora import pydocs_documents
 
 
 def test_pydocs_corpus_end_to_end(tmp_path):

@@ -14,9 +14,11 @@ import zstandard
 from datatest_helpers import REPO_ROOT, run_tool, write_jsonl
 
 from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
+from megatron.data.preprocess import merge as merge_datasets
+from megatron.data.preprocess import pipeline as preprocess_data
+from megatron.data.preprocess import token_count as dataset_token_count
+from megatron.data.preprocess.text_inputs import iter_records
 from megatron.tokenizer import build_tokenizer
-from tools.datasets import dataset_token_count, merge_datasets, preprocess_data
-from tools.datasets.text_inputs import iter_records
 
 PREPROCESS = "tools/datasets/preprocess_data.py"
 

@@ -132,9 +132,9 @@ def test_hf_parity_on_gpu(tmp_path):
         tokenizer_size,
         train_tokenizer,
     )
-    from megatron.checkpoint_io import read_model_state_dict
 
-    from tools.ckpts import convert_hf_to_neox
+    from megatron.checkpoint.weights import read_model_state_dict
+    from megatron.conversion import hf_to_neox
 
     tok = train_tokenizer(tmp_path / "tok")
     n = tokenizer_size(tok)
@@ -144,7 +144,7 @@ def test_hf_parity_on_gpu(tmp_path):
         hf_dir = tiny_hf_model(kind, tmp_path / kind, tok, vocab_size=-(-n // 64) * 64, seed=0,
                                **extra)
         out = tmp_path / f"neox_{kind}"
-        convert_hf_to_neox.convert(str(hf_dir), str(out), tp=1, pp=0)
+        hf_to_neox.convert(str(hf_dir), str(out), tp=1, pp=0)
         cfg = neox_config([out / "neox_config.yml"])
         state, _ = read_model_state_dict(out, cfg.model)
         vocab = int(state["embed.word_embeddings.weight"].shape[0])

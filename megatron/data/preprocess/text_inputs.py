@@ -11,6 +11,13 @@ default) or single lines (``txt_mode="line"``); their text is available under th
 Reading is lazy: :func:`iter_records` yields ``(file_index, line_number, raw_bytes)`` one
 record at a time and :func:`parse_record` turns a record into the requested texts or raises
 :class:`BadRecord` with the reason.
+
+Sharding (:class:`Shard`): the inputs, taken in order, are one sequence of bytes split into
+``count`` equal byte ranges; shard ``index`` reads the records that *start* in its range.
+Uncompressed files are entered with a seek (a shard that starts mid-file counts the lines
+before it to keep line numbers right); a compressed file cannot be entered mid-way and
+belongs whole to the shard in which it starts. The shards' records, in shard order, are
+exactly the records of one unsharded read.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import BinaryIO
 
 JSONL = "jsonl"
@@ -94,36 +102,159 @@ def open_binary(path: str) -> BinaryIO:
     return open(path, "rb", buffering=1 << 20)
 
 
-def _iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    with open_binary(path) as f:
-        yield from enumerate(f, start=1)
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (0-based) of ``count`` equal byte ranges of the inputs."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise InputError(f"--num-shards must be at least 1, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise InputError(
+                f"--shard-index {self.index} is outside 0..{self.count - 1} (--num-shards {self.count})"
+            )
+
+
+def _is_compressed(path: str) -> bool:
+    return path.lower().endswith(_COMPRESSED)
+
+
+def shard_ranges(paths: Sequence[str], shard: Shard | None) -> list[tuple[int, int | None] | None]:
+    """Per file: the byte range ``(start, end)`` whose records this shard reads, or None.
+
+    ``end`` None means to the end of the file (used for whole files and unsharded reads).
+    """
+    if shard is None or shard.count == 1:
+        return [(0, None)] * len(paths)
+    sizes = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"input {path} is not a regular file; sharding needs file sizes")
+        sizes.append(os.path.getsize(path))
+    total = sum(sizes)
+    lo, hi = total * shard.index // shard.count, total * (shard.index + 1) // shard.count
+    out: list[tuple[int, int | None] | None] = []
+    offset = 0
+    for path, size in zip(paths, sizes):
+        if _is_compressed(path):
+            out.append((0, None) if lo <= offset < hi else None)
+        else:
+            start, end = max(lo - offset, 0), min(hi - offset, size)
+            out.append((start, end) if start < end else None)
+        offset += size
+    return out
+
+
+def _count_newlines(f: BinaryIO, end: int) -> int:
+    f.seek(0)
+    n, left = 0, end
+    while left > 0:
+        chunk = f.read(min(left, 16 << 20))
+        if not chunk:
+            break
+        n += chunk.count(b"\n")
+        left -= len(chunk)
+    return n
+
+
+def _previous_line(f: BinaryIO, start: int) -> bytes:
+    """The line that ends right before offset ``start`` (a line start), without its newline."""
+    end = start - 1  # the newline that ends it
+    window = 1 << 16
+    while True:
+        lo = max(0, end - window)
+        f.seek(lo)
+        data = f.read(end - lo)
+        cut = data.rfind(b"\n")
+        if cut >= 0:
+            return data[cut + 1 :]
+        if lo == 0:
+            return data
+        window *= 4
+
+
+def _iter_lines(
+    path: str, start: int = 0, end: int | None = None
+) -> Iterator[tuple[int, bytes, bool]]:
+    """``(line_number, line, starts_in_range)`` from the first line starting at or after
+    ``start``; after ``end`` it keeps going (flag False) so a caller can finish a record."""
+    if start == 0 and end is None:
+        with open_binary(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                yield lineno, line, True
+        return
+    with open(path, "rb", buffering=1 << 20) as f:
+        pos = 0
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) == b"\n":
+                pos = start
+            else:
+                f.readline()  # the rest of a line that began before this range
+                pos = f.tell()
+        lineno = 1 + _count_newlines(f, pos) if pos else 1
+        f.seek(pos)
+        for line in f:
+            yield lineno, line, end is None or pos < end
+            pos += len(line)
+            lineno += 1
 
 
 def iter_records(
-    paths: Sequence[str], txt_mode: str = "paragraph"
+    paths: Sequence[str], txt_mode: str = "paragraph", shard: Shard | None = None
 ) -> Iterator[tuple[int, int, bytes]]:
     """Yield ``(file_index, line_number, raw_bytes)`` for every document candidate."""
     if txt_mode not in TXT_MODES:
         raise InputError(f"txt mode {txt_mode!r} is not one of {', '.join(TXT_MODES)}")
-    for fi, path in enumerate(paths):
+    for fi, (path, span) in enumerate(zip(paths, shard_ranges(paths, shard))):
+        if span is None:
+            continue
+        start, end = span
         kind = input_kind(path)
         if kind == JSONL or txt_mode == "line":
-            for lineno, line in _iter_lines(path):
+            for lineno, line, inside in _iter_lines(path, start, end):
+                if not inside:
+                    break
                 if line.strip():
                     yield fi, lineno, line
             continue
+        # Paragraphs: a shard entering mid-paragraph leaves it to the shard where it began.
+        skipping = False
+        if start > 0:
+            with open(path, "rb") as f:
+                f.seek(start - 1)
+                at_line_start = f.read(1) == b"\n"
+                if at_line_start:
+                    skipping = bool(_previous_line(f, start).strip())
+                else:  # the first full line follows a partial one that began earlier
+                    f.seek(start)
+                    f.readline()
+                    skipping = bool(_previous_line(f, f.tell()).strip())
         para: list[bytes] = []
-        start = 0
-        for lineno, line in _iter_lines(path):
-            if line.strip():
+        first = 0
+        for lineno, line, inside in _iter_lines(path, start, end):
+            blank = not line.strip()
+            if skipping:
+                skipping = not blank
+                continue
+            if not blank:
                 if not para:
-                    start = lineno
+                    if not inside:
+                        break
+                    first = lineno
                 para.append(line)
             elif para:
-                yield fi, start, b"".join(para)
+                yield fi, first, b"".join(para)
                 para = []
+                if not inside:
+                    break
+            elif not inside:
+                break
         if para:
-            yield fi, start, b"".join(para)
+            yield fi, first, b"".join(para)
 
 
 _JSON_TYPE_NAMES = {
