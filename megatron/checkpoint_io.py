@@ -41,9 +41,9 @@ from megatron.checkpointing import (
     verify_checkpoint,
     write_manifest,
 )
+from megatron.model.args import GATED_ACTIVATIONS, ModelArgs
 from megatron.model.gpt import layer_plan
 from megatron.model.pipeline import pipeline_key_to_model_key, pipeline_layout
-from megatron.neox_arguments.groups_model import GATED_ACTIVATIONS, ModelArgs
 from megatron.parallel.layers import merge_shards, split_tensor
 
 StateDict = dict[str, torch.Tensor]
@@ -305,8 +305,6 @@ def pipeline_layer_state_dicts(state_dict: Mapping[str, torch.Tensor],
         else:
             prefix, only = "output_layer.", None
         layer = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if entry.kind == "final_norm":
-            layer = {f"norm.{k}": v for k, v in layer.items()}
         if only is not None:
             layer = {only: layer[only]}
         out[index] = layer
