@@ -65,25 +65,23 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------- stage boundaries
 def activations_from_pipeline(inputs: tuple[torch.Tensor, ...], *, first: bool) -> Activations:
     """The activations a stage starts from: the batch's ``(tokens, position_ids,
-    attention_mask)`` on the first stage, ``(hidden, position_ids, mask[, T5 bias])`` from the
-    previous stage otherwise."""
-    x, position_ids, mask = inputs[:3]
-    bias = inputs[3] if len(inputs) > 3 else None
+    attention_mask)`` on the first stage, ``(hidden, position_ids, mask)`` from the previous
+    stage otherwise."""
+    x, position_ids, mask = inputs
     if first:
         attention_mask = plain_causal_to_none(mask, x.shape[1])
     else:
         attention_mask = mask if mask.numel() else None
-    return Activations(x, AttentionInputs(position_ids, attention_mask, bias))
+    return Activations(x, AttentionInputs(position_ids, attention_mask))
 
 
 def activations_to_pipeline(act: Activations) -> tuple[torch.Tensor, ...]:
-    """The tensors a stage sends to the next (an empty mask stands for plain causal)."""
-    inputs = act.inputs
-    mask = inputs.attention_mask
+    """The tensors a stage sends to the next (an empty mask stands for plain causal). The T5
+    bias is not sent: every layer's bias entry sits on that layer's stage and recomputes it."""
+    mask = act.inputs.attention_mask
     if mask is None:
         mask = torch.zeros(0, dtype=torch.bool, device=act.x.device)
-    out = (act.x, inputs.position_ids, mask)
-    return out if inputs.position_bias is None else (*out, inputs.position_bias)
+    return act.x, act.inputs.position_ids, mask
 
 
 # ------------------------------------------------------------------------ the module
