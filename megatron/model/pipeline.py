@@ -66,12 +66,12 @@ logger = logging.getLogger(__name__)
 def activations_from_pipeline(inputs: tuple[torch.Tensor, ...], *, first: bool) -> Activations:
     """The activations a stage starts from: the batch's ``(tokens, position_ids,
     attention_mask)`` on the first stage, ``(hidden, position_ids, mask)`` from the previous
-    stage otherwise."""
+    stage otherwise. An empty mask means plain causal attention, as does the plain causal mask
+    itself on the first stage."""
     x, position_ids, mask = inputs
+    attention_mask: torch.Tensor | None = mask if mask.numel() else None
     if first:
-        attention_mask = plain_causal_to_none(mask, x.shape[1])
-    else:
-        attention_mask = mask if mask.numel() else None
+        attention_mask = plain_causal_to_none(attention_mask, x.shape[1])
     return Activations(x, AttentionInputs(position_ids, attention_mask))
 
 

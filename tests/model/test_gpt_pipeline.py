@@ -328,3 +328,21 @@ def test_pipeline_engine_step_with_tensor_and_sequence_parallelism() -> None:
             sharded, dim, stride = out[rank]["attrs"][name]
             full = split_tensor(expected[name], dim, 2, rank, stride) if sharded else expected[name]
             assert_close(value, full, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+
+
+def test_stage_boundaries_read_an_empty_or_plain_causal_mask_as_causal() -> None:
+    tokens, _, _ = batch(2, 8)
+    positions = torch.arange(8).expand(2, 8)
+    empty = torch.zeros(0, dtype=torch.bool)
+    causal = torch.ones(8, 8, dtype=torch.bool).triu(1).view(1, 1, 8, 8)
+    for mask, first in ((empty, True), (empty, False), (causal, True)):
+        act = activations_from_pipeline((tokens, positions, mask), first=first)
+        assert act.inputs.attention_mask is None
+    doc, _ = document_mask(tokens, [3])
+    act = activations_from_pipeline((tokens, positions, doc), first=True)
+    assert act.inputs.attention_mask is doc
+    sent = activations_to_pipeline(act.with_x(torch.zeros(8, 2, 4)))
+    assert sent[1] is positions and sent[2] is doc
+    assert activations_to_pipeline(activations_from_pipeline(sent, first=False))[2] is doc
+    assert activations_to_pipeline(
+        activations_from_pipeline((tokens, positions, empty), first=True))[2].numel() == 0
