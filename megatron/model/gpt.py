@@ -28,9 +28,8 @@ from torch import nn
 
 from megatron.model.args import ModelArgs, attention_layer_types
 from megatron.model.attention import AttentionInputs
-from megatron.model.blocks import block_step, run_blocks
-from megatron.model.embedding import Embedding, OutputLayer
-from megatron.model.init_methods import model_init_methods
+from megatron.model.blocks import block_specs, block_step, run_blocks
+from megatron.model.embedding import OutputLayer
 from megatron.model.layout import (
     Activations,
     PipeEntry,
@@ -40,9 +39,7 @@ from megatron.model.layout import (
     preserved_rng,
     seeded_init,
 )
-from megatron.model.norms import build_norm
-from megatron.model.positional import RelativePositionBias, RotaryEmbedding
-from megatron.model.transformer import TransformerLayer
+from megatron.model.positional import RelativePositionBias
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron.parallel.mappings import gather_from_tp_region
 from megatron.parallel.random import RNGStatesTracker
@@ -67,19 +64,6 @@ def check_model_args(model: ModelArgs, state: ParallelState) -> None:
         )
     if model.num_unique_layers is not None and model.num_layers % model.num_unique_layers:
         raise ValueError("num_layers must be a multiple of num_unique_layers")
-
-
-def rotary_embedding(model: ModelArgs) -> RotaryEmbedding | None:
-    """The shared rotary tables of a ``pos_emb: rotary`` model (None otherwise)."""
-    if model.pos_emb != "rotary":
-        return None
-    assert model.hidden_size and model.num_attention_heads and model.max_position_embeddings
-    head_dim = model.hidden_size // model.num_attention_heads
-    return RotaryEmbedding(
-        int(head_dim * model.rotary_pct), base=model.rotary_emb_base,
-        max_positions=model.max_position_embeddings,
-        save_inv_freq=model.rotary_save_freqs_buffer,
-    )  # fmt: skip
 
 
 def layer_plan(model: ModelArgs) -> list[int]:
@@ -170,47 +154,27 @@ class GPTModel(nn.Module):
         self.checkpoint_num_layers = (
             act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
         )
-        init, output_init = model_init_methods(model)
         self.plan = layer_plan(model)
         self.attention_types = attention_layer_types(model.attention_config, model.num_layers)
+        specs = block_specs(model, padded_vocab_size=padded_vocab_size, state=state,
+                            tracker=tracker, sequence_parallel=sp)
 
-        def seed(kind: str, layer: int = -1) -> Any:
-            return seeded_init(None if init_seed is None
-                               else init_seed + first_index(model, kind, layer))
+        def build(kind: str, layer: int = -1) -> Any:
+            index = first_index(model, kind, layer)
+            with seeded_init(None if init_seed is None else init_seed + index):
+                return specs[index].build()
 
         with preserved_rng(init_seed is not None):
-            with seed("embed"):
-                self.embed = Embedding(
-                    model, padded_vocab_size=padded_vocab_size, state=state, tracker=tracker,
-                    sequence_parallel=sp, init_method=init,
-                )  # fmt: skip
-            self.rpe = None
-            if model.pos_emb == "rpe":
-                with seed("rpe"):
-                    self.rpe = RelativePositionBias(
-                        num_buckets=model.rpe_num_buckets, max_distance=model.rpe_max_distance,
-                        num_heads=model.num_attention_heads or 0, state=state, init_method=init,
-                    )  # fmt: skip
-            rotary = rotary_embedding(model)
-            layers = []
-            for unique in range(max(self.plan) + 1):
-                depth = self.plan.index(unique)  # a shared layer is built for its first depth
-                with seed("layer", depth):
-                    layers.append(TransformerLayer(
-                        model, state=state, tracker=tracker, sequence_parallel=sp,
-                        init_method=init, output_init_method=output_init, rotary=rotary,
-                        layer_number=depth + 1, attention_type=self.attention_types[depth],
-                    ))  # fmt: skip
-            self.layers = nn.ModuleList(layers)
-            with seed("final_norm"):
-                self.final_norm = build_norm(model, model.hidden_size, sequence_parallel=sp)
-            self.output_layer: OutputLayer | None = None
-            if model.no_weight_tying:
-                with seed("output"):
-                    self.output_layer = OutputLayer(
-                        model.hidden_size, padded_vocab_size, state=state, bias=False,
-                        init_method=init, sequence_parallel_input=sp,
-                    )  # fmt: skip
+            self.embed = build("embed")
+            self.rpe: RelativePositionBias | None = build("rpe") if model.pos_emb == "rpe" \
+                else None
+            # a shared layer is built for the first depth that uses it
+            self.layers = nn.ModuleList(
+                build("layer", self.plan.index(unique)) for unique in range(max(self.plan) + 1)
+            )
+            self.final_norm = build("final_norm")
+            self.output_layer: OutputLayer | None = build("output") if model.no_weight_tying \
+                else None
 
     # ------------------------------------------------------------------ helpers
     @property

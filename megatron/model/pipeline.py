@@ -43,16 +43,13 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime import utils as ds_utils
 from torch import nn
 
-from megatron.model.args import ModelArgs, attention_layer_types
+from megatron.model.args import ModelArgs
 from megatron.model.attention import AttentionInputs
-from megatron.model.blocks import block_step, run_blocks
-from megatron.model.embedding import Embedding, OutputLayer, tied_output
-from megatron.model.gpt import check_model_args, lm_loss, plain_causal_to_none, rotary_embedding
-from megatron.model.init_methods import model_init_methods
+from megatron.model.blocks import BlockSpec, block_specs, block_step, run_blocks
+from megatron.model.embedding import tied_output
+from megatron.model.gpt import check_model_args, lm_loss, plain_causal_to_none
 from megatron.model.layout import Activations, PipeEntry, Step, pipeline_layout, preserved_rng
-from megatron.model.norms import norm_spec
 from megatron.model.positional import RelativePositionBias
-from megatron.model.transformer import TransformerLayer
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
 
@@ -198,45 +195,24 @@ def pipeline_layer_specs(
     if model.num_unique_layers is not None:
         raise ValueError("num_unique_layers (shared layers) needs pipe_parallel_size: 0")
     assert model.num_layers is not None and model.hidden_size is not None
-    init, output_init = model_init_methods(model)
-    sp = sequence_parallel and state.tp_size > 1
-    rotary = rotary_embedding(model)
-    kinds = attention_layer_types(model.attention_config, model.num_layers)
-    common = {"state": state, "tracker": tracker, "sequence_parallel": sp}
-    embedding = {"padded_vocab_size": padded_vocab_size, "init_method": init, **common}
+    blocks = block_specs(model, padded_vocab_size=padded_vocab_size, state=state,
+                         tracker=tracker, sequence_parallel=sequence_parallel and state.tp_size > 1)
 
-    def spec(entry: PipeEntry) -> LayerSpec:
-        assert model.hidden_size is not None
-        if entry.kind == "embed" and not entry.tied:
-            return SeededLayerSpec(Embedding, model, **embedding)
-        if entry.kind == "embed" or (entry.kind == "output" and entry.tied):
-            last = {"forward_fn": tied_output, "word_only": True} if entry.kind == "output" else {}
-            return SeededTiedLayerSpec("embed", Embedding, model, **last, **embedding,
+    def layer_spec(block: BlockSpec) -> LayerSpec:
+        entry = block.entry
+        if entry.kind in ("embed", "output") and entry.tied:
+            forward_fn = tied_output if entry.kind == "output" else None
+            return SeededTiedLayerSpec("embed", block.cls, **block.kwargs, forward_fn=forward_fn,
                                        tied_weight_attr=["word_embeddings.weight"])
         if entry.kind == "rpe":
-            return SeededTiedLayerSpec(
-                "rpe", RelativePositionBias, num_buckets=model.rpe_num_buckets,
-                max_distance=model.rpe_max_distance, num_heads=model.num_attention_heads,
-                state=state, init_method=init, tied_weight_attr=["relative_attention_bias.weight"],
-            )  # fmt: skip
-        if entry.kind == "layer":
-            return SeededLayerSpec(
-                TransformerLayer, model, layer_number=entry.layer + 1,
-                attention_type=kinds[entry.layer], init_method=init,
-                output_init_method=output_init, rotary=rotary, **common,
-            )  # fmt: skip
-        if entry.kind == "final_norm":
-            norm, kwargs = norm_spec(model, model.hidden_size, sequence_parallel=sp)
-            return SeededLayerSpec(norm, **kwargs)
-        return SeededLayerSpec(
-            OutputLayer, model.hidden_size, padded_vocab_size, state=state, bias=False,
-            init_method=init, sequence_parallel_input=sp,
-        )  # fmt: skip
+            return SeededTiedLayerSpec("rpe", block.cls, **block.kwargs,
+                                       tied_weight_attr=["relative_attention_bias.weight"])
+        return SeededLayerSpec(block.cls, **block.kwargs)
 
-    specs = [spec(entry) for entry in pipeline_layout(model)]
+    specs = [layer_spec(block) for block in blocks]
     if init_seed is not None:
-        for index, layer_spec in enumerate(specs):
-            layer_spec.init_seed = init_seed + index
+        for index, spec in enumerate(specs):
+            spec.init_seed = init_seed + index
     return specs
 
 
