@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron.neox_arguments.groups_model import GATED_ACTIVATIONS, ModelArgs, mlp_width
+from megatron.model.args import GATED_ACTIVATIONS, ModelArgs, mlp_width
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from megatron.checkpoint.manifest import CheckpointError
+from megatron.model.args import ModelArgs
 from megatron.model.gpt import GPTModel
-from megatron.neox_arguments.groups_model import ActivationCheckpointArgs, ModelArgs
+from megatron.neox_arguments.groups_model import ActivationCheckpointArgs
 from megatron.parallel.layers import merge_shards, split_tensor
 from megatron.parallel.state import ParallelState
 

@@ -43,9 +43,9 @@ from megatron.checkpoint.manifest import (
 )
 from megatron.checkpoint.reshard import StateDict, merge_tp_shards, split_tp
 from megatron.model import pipeline_key_to_model_key
+from megatron.model.args import ModelArgs
 from megatron.model.gpt import layer_plan
 from megatron.model.layout import pipeline_layout
-from megatron.neox_arguments.groups_model import ModelArgs
 
 MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 LAYER_STATES = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -234,8 +234,6 @@ def pipeline_layer_state_dicts(state_dict: Mapping[str, torch.Tensor],
         else:
             prefix, only = "output_layer.", None
         layer = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if entry.kind == "final_norm":
-            layer = {f"norm.{k}": v for k, v in layer.items()}
         if only is not None:
             layer = {only: layer[only]}
         out[index] = layer

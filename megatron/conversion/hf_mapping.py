@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from megatron.neox_arguments.groups_model import ModelArgs, attention_layer_types, mlp_width
+from megatron.model.args import ModelArgs, attention_layer_types, mlp_width
 
 StateDict = dict[str, torch.Tensor]
 

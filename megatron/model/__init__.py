@@ -25,28 +25,49 @@ With sequence parallelism both forms register
 ``megatron.parallel.register_sequence_parallel_grad_hooks`` on themselves: backward sums the
 partial gradients of the sequence-parallel parameters over the tensor-parallel group.
 
-Modules: :mod:`~megatron.model.gpt` (model, loss, KV cache), :mod:`~megatron.model.pipeline`,
-:mod:`~megatron.model.transformer` (layer and residual forms), :mod:`~megatron.model.attention`,
-:mod:`~megatron.model.mlp`, :mod:`~megatron.model.embedding`, :mod:`~megatron.model.positional`,
-:mod:`~megatron.model.norms`, :mod:`~megatron.model.activations`,
-:mod:`~megatron.model.init_methods`.
+Modules: :mod:`~megatron.model.args` (``ModelArgs``, attention types, MLP width; free of torch
+so the config schema can import it), :mod:`~megatron.model.gpt` (model, loss, KV cache),
+:mod:`~megatron.model.layout` (the block order and the ``Activations`` passed between blocks),
+:mod:`~megatron.model.blocks` (running blocks in order, shared by both forms),
+:mod:`~megatron.model.pipeline`, :mod:`~megatron.model.transformer` (layer and residual forms),
+:mod:`~megatron.model.attention`, :mod:`~megatron.model.mlp`, :mod:`~megatron.model.embedding`,
+:mod:`~megatron.model.positional`, :mod:`~megatron.model.norms`,
+:mod:`~megatron.model.activations`, :mod:`~megatron.model.init_methods`.
+
+The names below load on first use, so ``import megatron.model.args`` stays cheap (no torch
+model code, no DeepSpeed).
 """
 
 from __future__ import annotations
 
-from megatron.model.factory import build_model
-from megatron.model.gpt import GPTModel, KVCache, gather_logits, lm_loss
-from megatron.model.pipeline import (
-    GPTPipelineModule,
-    PipelineLMLoss,
-    build_pipeline_model,
-    load_model_state_dict_into_pipeline,
-    model_to_pipeline_state_dict,
-    partition_pipeline_layers,
-    pipeline_key_to_model_key,
-    pipeline_layer_specs,
-    pipeline_to_model_state_dict,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron.model.factory import build_model
+    from megatron.model.gpt import GPTModel, KVCache, gather_logits, lm_loss
+    from megatron.model.pipeline import (
+        GPTPipelineModule,
+        PipelineLMLoss,
+        build_pipeline_model,
+        load_model_state_dict_into_pipeline,
+        model_to_pipeline_state_dict,
+        partition_pipeline_layers,
+        pipeline_key_to_model_key,
+        pipeline_layer_specs,
+        pipeline_to_model_state_dict,
+    )
+
+_HOMES = {
+    "build_model": "factory",
+    **dict.fromkeys(("GPTModel", "KVCache", "gather_logits", "lm_loss"), "gpt"),
+    **dict.fromkeys((
+        "GPTPipelineModule", "PipelineLMLoss", "build_pipeline_model",
+        "load_model_state_dict_into_pipeline", "model_to_pipeline_state_dict",
+        "partition_pipeline_layers", "pipeline_key_to_model_key", "pipeline_layer_specs",
+        "pipeline_to_model_state_dict",
+    ), "pipeline"),
+}  # fmt: skip
 
 __all__ = [
     "GPTModel",
@@ -64,3 +85,9 @@ __all__ = [
     "pipeline_layer_specs",
     "pipeline_to_model_state_dict",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

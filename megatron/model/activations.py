@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megatron.neox_arguments.groups_model import GATED_ACTIVATIONS
+from megatron.model.args import GATED_ACTIVATIONS
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 

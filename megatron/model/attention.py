@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.model.args import ATTENTION_TYPES, ModelArgs
 from megatron.model.init_methods import InitFn
 from megatron.model.norms import build_norm
 from megatron.model.positional import (
@@ -38,12 +39,9 @@ from megatron.model.positional import (
     apply_rotary,
     query_key_distance,
 )
-from megatron.neox_arguments.groups_model import ModelArgs
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
-
-ATTENTION_TYPES = ("global", "flash", "local")
 
 
 @dataclass

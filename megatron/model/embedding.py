@@ -5,21 +5,26 @@ embeddings over the padded vocabulary, plus learned (``pos_emb: learned``, ids s
 ``opt_pos_emb_offset``) or sinusoidal position encodings, transposed to sequence-first, split
 along the sequence with sequence parallelism, then ``hidden_dropout``.
 
-:func:`parallel_logits` is the output layer with a given weight (the tied embedding, or the
-untied output layer's): ``[s, b, h] -> [s, b, V / tp]`` logits, sharded on the vocabulary.
-``Embedding(word_only=True)`` holds the word embeddings alone (the pipeline's tied output copy).
+The head turns ``[s, b, h]`` into logits ``[b, s, V / tp]``, sharded on the vocabulary: with
+tied weights :func:`tied_output` multiplies by the word embedding, otherwise
+:class:`OutputLayer` holds its own weight. ``Embedding(word_only=True)`` holds the word
+embeddings alone (the pipeline's tied output copy on the last stage).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.model.args import ModelArgs
 from megatron.model.init_methods import InitFn
+from megatron.model.layout import Activations
 from megatron.model.positional import sinusoidal_embedding
-from megatron.neox_arguments.groups_model import ModelArgs
 from megatron.parallel.layers import (
+    ColumnParallelLinear,
     VocabParallelEmbedding,
     master_weight,
     set_tensor_parallel_attributes,
@@ -68,7 +73,11 @@ class Embedding(nn.Module):
         else:
             self.position_embeddings = None
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, act: Activations) -> Activations:
+        """Token ids -> hidden states."""
+        return act.with_x(self.embed(act.x, act.inputs.position_ids))
+
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """``tokens, position_ids [b, s]`` -> ``[s, b, h]`` (``[s / tp, b, h]`` with sequence
         parallelism)."""
         x = self.word_embeddings(tokens)
@@ -86,12 +95,27 @@ class Embedding(nn.Module):
 
 
 def parallel_logits(
-    x: torch.Tensor, weight: torch.Tensor, state: ParallelState, *, sequence_parallel: bool
+    x: torch.Tensor, weight: torch.Tensor, tp_group: Any, *, sequence_parallel: bool
 ) -> torch.Tensor:
     """``x [s, b, h]`` (sequence-split with ``sequence_parallel``) times this rank's vocabulary
     rows ``weight [V / tp, h]``: logits ``[s, b, V / tp]``."""
     if sequence_parallel:
-        x = gather_from_sequence_parallel_region(x, state.tp_group)
+        x = gather_from_sequence_parallel_region(x, tp_group)
     else:
-        x = copy_to_tp_region(x, state.tp_group)
+        x = copy_to_tp_region(x, tp_group)
     return F.linear(x, weight)
+
+
+def tied_output(embedding: Embedding, act: Activations) -> Activations:
+    """The output layer tied to the word embedding: hidden ``[s, b, h]`` -> logits
+    ``[b, s, V / tp]``."""
+    logits = parallel_logits(act.x, embedding.word_embeddings.weight, embedding.tp_group,
+                             sequence_parallel=embedding.sequence_parallel)
+    return act.with_x(logits.transpose(0, 1))
+
+
+class OutputLayer(ColumnParallelLinear):
+    """The untied output layer: hidden ``[s, b, h]`` -> logits ``[b, s, V / tp]``."""
+
+    def forward(self, act: Activations) -> Activations:  # type: ignore[override]
+        return act.with_x(super().forward(act.x).transpose(0, 1))

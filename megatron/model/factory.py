@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron.model.args import ModelArgs
 from megatron.model.gpt import GPTModel
 from megatron.model.pipeline import GPTPipelineModule, build_pipeline_model
-from megatron.neox_arguments.groups_model import (
-    ActivationCheckpointArgs,
-    ModelArgs,
-    ParallelismArgs,
-)
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
+
+if TYPE_CHECKING:
+    from megatron.neox_arguments.groups_model import ActivationCheckpointArgs, ParallelismArgs
 
 
 def build_model(

@@ -11,36 +11,43 @@
     logits = model(prompt, kv_cache=cache)          # prefill
     logits = model(next_token[:, None], kv_cache=cache)
 
-Inside, activations are ``[seq, batch, hidden]``. See ``docs/model.md`` for every option.
+Inside, activations are ``[seq, batch, hidden]``. The forward pass runs the blocks of
+:func:`~megatron.model.layout.pipeline_layout` in order through
+:func:`~megatron.model.blocks.run_blocks`, exactly as the pipeline stages do. See
+``docs/model.md`` for every option.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from megatron.model.args import ModelArgs, attention_layer_types
 from megatron.model.attention import AttentionInputs
-from megatron.model.embedding import Embedding, parallel_logits
-from megatron.model.init_methods import model_init_methods
-from megatron.model.layout import first_index, preserved_rng, seeded_init
-from megatron.model.norms import build_norm, mark_sequence_parallel
-from megatron.model.positional import RelativePositionBias, RotaryEmbedding
-from megatron.model.transformer import TransformerLayer
-from megatron.neox_arguments.groups_model import (
-    ActivationCheckpointArgs,
-    ModelArgs,
-    attention_layer_types,
+from megatron.model.blocks import block_specs, block_step, run_blocks
+from megatron.model.embedding import OutputLayer
+from megatron.model.layout import (
+    Activations,
+    PipeEntry,
+    Step,
+    first_index,
+    pipeline_layout,
+    preserved_rng,
+    seeded_init,
 )
+from megatron.model.positional import RelativePositionBias
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron.parallel.layers import ColumnParallelLinear, register_sequence_parallel_grad_hooks
+from megatron.parallel.layers import register_sequence_parallel_grad_hooks
 from megatron.parallel.mappings import gather_from_tp_region
-from megatron.parallel.random import RNGStatesTracker, checkpoint
+from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
+
+if TYPE_CHECKING:
+    from megatron.neox_arguments.groups_model import ActivationCheckpointArgs
 
 
 # ---------------------------------------------------------------------------- checks
@@ -58,19 +65,6 @@ def check_model_args(model: ModelArgs, state: ParallelState) -> None:
         )
     if model.num_unique_layers is not None and model.num_layers % model.num_unique_layers:
         raise ValueError("num_layers must be a multiple of num_unique_layers")
-
-
-def rotary_embedding(model: ModelArgs) -> RotaryEmbedding | None:
-    """The shared rotary tables of a ``pos_emb: rotary`` model (None otherwise)."""
-    if model.pos_emb != "rotary":
-        return None
-    assert model.hidden_size and model.num_attention_heads and model.max_position_embeddings
-    head_dim = model.hidden_size // model.num_attention_heads
-    return RotaryEmbedding(
-        int(head_dim * model.rotary_pct), base=model.rotary_emb_base,
-        max_positions=model.max_position_embeddings,
-        save_inv_freq=model.rotary_save_freqs_buffer,
-    )  # fmt: skip
 
 
 def layer_plan(model: ModelArgs) -> list[int]:
@@ -161,47 +155,27 @@ class GPTModel(nn.Module):
         self.checkpoint_num_layers = (
             act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
         )
-        init, output_init = model_init_methods(model)
         self.plan = layer_plan(model)
         self.attention_types = attention_layer_types(model.attention_config, model.num_layers)
+        specs = block_specs(model, padded_vocab_size=padded_vocab_size, state=state,
+                            tracker=tracker, sequence_parallel=sp)
 
-        def seed(kind: str, layer: int = -1) -> Any:
-            return seeded_init(None if init_seed is None
-                               else init_seed + first_index(model, kind, layer))
+        def build(kind: str, layer: int = -1) -> Any:
+            index = first_index(model, kind, layer)
+            with seeded_init(None if init_seed is None else init_seed + index):
+                return specs[index].build()
 
         with preserved_rng(init_seed is not None):
-            with seed("embed"):
-                self.embed = Embedding(
-                    model, padded_vocab_size=padded_vocab_size, state=state, tracker=tracker,
-                    sequence_parallel=sp, init_method=init,
-                )  # fmt: skip
-            self.rpe = None
-            if model.pos_emb == "rpe":
-                with seed("rpe"):
-                    self.rpe = RelativePositionBias(
-                        num_buckets=model.rpe_num_buckets, max_distance=model.rpe_max_distance,
-                        num_heads=model.num_attention_heads or 0, state=state, init_method=init,
-                    )  # fmt: skip
-            rotary = rotary_embedding(model)
-            layers = []
-            for unique in range(max(self.plan) + 1):
-                with seed("layer", self.plan.index(unique)):
-                    layers.append(TransformerLayer(
-                        model, state=state, tracker=tracker, sequence_parallel=sp,
-                        init_method=init, output_init_method=output_init, rotary=rotary,
-                    ))  # fmt: skip
-            self.layers = nn.ModuleList(layers)
-            with seed("final_norm"):
-                self.final_norm = build_norm(model, model.hidden_size)
-            if sp:
-                mark_sequence_parallel(self.final_norm)
-            self.output_layer: ColumnParallelLinear | None = None
-            if model.no_weight_tying:
-                with seed("output"):
-                    self.output_layer = ColumnParallelLinear(
-                        model.hidden_size, padded_vocab_size, state=state, bias=False,
-                        init_method=init, sequence_parallel_input=sp,
-                    )  # fmt: skip
+            self.embed = build("embed")
+            self.rpe: RelativePositionBias | None = build("rpe") if model.pos_emb == "rpe" \
+                else None
+            # a shared layer is built for the first depth that uses it
+            self.layers = nn.ModuleList(
+                build("layer", self.plan.index(unique)) for unique in range(max(self.plan) + 1)
+            )
+            self.final_norm = build("final_norm")
+            self.output_layer: OutputLayer | None = build("output") if model.no_weight_tying \
+                else None
         if sp:  # backward sums the sequence-parallel parameters' gradients over the TP group
             register_sequence_parallel_grad_hooks(self, state)
 
@@ -232,19 +206,26 @@ class GPTModel(nn.Module):
         return KVCache([torch.zeros(shape, **kwargs) for _ in range(depth)],
                        [torch.zeros(shape, **kwargs) for _ in range(depth)])
 
-    def _run_layers(
-        self,
-        x: torch.Tensor,
-        inputs: AttentionInputs,
-        depths: Sequence[int],
-        kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        for depth in depths:
-            x = self.layers[self.plan[depth]](
-                x, inputs, layer_number=depth + 1, attention_type=self.attention_types[depth],
-                kv=kv_cache.layer(depth) if kv_cache is not None else None,
-            )  # fmt: skip
-        return x
+    def steps(self) -> list[tuple[PipeEntry, Step]]:
+        """The blocks in layout order, each as the step it runs (a shared layer once per
+        depth, at that depth)."""
+        blocks: dict[str, nn.Module | None] = {
+            "embed": self.embed, "rpe": self.rpe, "final_norm": self.final_norm,
+            "output": self.output_layer if self.output_layer is not None else self.embed,
+        }  # fmt: skip
+        steps: list[tuple[PipeEntry, Step]] = []
+        for entry in pipeline_layout(self.model_args):
+            if entry.kind == "layer":
+                step: Step = functools.partial(
+                    self.layers[self.plan[entry.layer]], layer_number=entry.layer + 1,
+                    attention_type=self.attention_types[entry.layer],
+                )  # fmt: skip
+            else:
+                block = blocks[entry.kind]
+                assert block is not None
+                step = block_step(entry, block)
+            steps.append((entry, step))
+        return steps
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -268,26 +249,14 @@ class GPTModel(nn.Module):
             position_ids = torch.arange(start, start + s, device=tokens.device).expand(b, s)
         if start == 0:
             attention_mask = plain_causal_to_none(attention_mask, s)
-        x = self.embed(tokens, position_ids)
-        bias = self.rpe(s, start + s, start) if self.rpe is not None else None
-        inputs = AttentionInputs(position_ids, attention_mask, bias, start)
-
-        depths = range(len(self.plan))
-        chunk = self.checkpoint_num_layers
-        if chunk > 0 and kv_cache is None and self.training and torch.is_grad_enabled():
-            for first in range(0, len(depths), chunk):
-                run = functools.partial(self._run_layers, inputs=inputs,
-                                        depths=depths[first : first + chunk])
-                x = checkpoint(run, self.tracker, x)
-        else:
-            x = self._run_layers(x, inputs, depths, kv_cache)
-
-        x = self.final_norm(x)
-        logits = parallel_logits(x, self.output_weight, self.state,
-                                 sequence_parallel=self.sequence_parallel)
+        act = Activations(tokens, AttentionInputs(position_ids, attention_mask, None, start),
+                          kv_cache)
+        recompute = self.training and kv_cache is None and torch.is_grad_enabled()
+        act = run_blocks(self.steps(), act, tracker=self.tracker,
+                         checkpoint_layers=self.checkpoint_num_layers if recompute else 0)
         if kv_cache is not None:
             kv_cache.length = start + s
-        return logits.transpose(0, 1)
+        return act.x
 
 
 # ------------------------------------------------------------------------------ loss

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from megatron.neox_arguments.groups_model import ModelArgs
+from megatron.model.args import ModelArgs
 
 InitFn = Callable[[torch.Tensor], torch.Tensor]
 

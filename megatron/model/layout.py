@@ -1,21 +1,55 @@
-"""The model as a sequence of blocks: the pipeline's layer-spec order, shared by both forms.
+"""The model as a sequence of blocks, and what flows from one block to the next.
 
-Each block (embedding, T5 bias table, transformer layer, final norm, output layer) has an index
-in this sequence. With ``init_seed`` set, block ``i`` is initialized right after
-``torch.manual_seed(init_seed + i)``, in the plain model and in the pipeline module alike, so
-the initial weights do not depend on how the layers are split over pipeline stages (nor, thanks
-to the tensor-parallel master-weight init, over tensor-parallel ranks).
+:func:`pipeline_layout` lists the blocks in order (embedding, T5 bias table, transformer
+layers, final norm, output layer); :class:`~megatron.model.gpt.GPTModel` runs them in this
+order and :class:`~megatron.model.pipeline.GPTPipelineModule` cuts the same list into stages.
+Every block takes and returns one :class:`Activations`, so a block runs unchanged in both forms.
+
+With ``init_seed`` set, block ``i`` is initialized right after ``torch.manual_seed(init_seed +
+i)``, in the plain model and in the pipeline module alike, so the initial weights do not depend
+on how the layers are split over pipeline stages (nor, thanks to the tensor-parallel
+master-weight init, over tensor-parallel ranks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from megatron.neox_arguments.groups_model import ModelArgs
+from megatron.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    from megatron.model.attention import AttentionInputs
+    from megatron.model.gpt import KVCache
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What one block hands the next.
+
+    ``x`` is the tensor being transformed: token ids ``[b, s]`` before the embedding, hidden
+    states ``[s, b, h]`` (``[s / tp, b, h]`` with sequence parallelism) between the blocks,
+    logits ``[b, s, V / tp]`` after the output layer. ``inputs`` holds what every attention
+    layer reads (positions, mask, T5 bias, first position); ``kv_cache`` is set when decoding.
+    Blocks return a new object and never modify theirs: a checkpointed chunk of blocks runs
+    twice on the same input.
+    """
+
+    x: torch.Tensor
+    inputs: AttentionInputs
+    kv_cache: KVCache | None = None
+
+    def with_x(self, x: torch.Tensor) -> Activations:
+        return dataclasses.replace(self, x=x)
+
+
+#: How a block acts in the sequence: ``Activations -> Activations``.
+Step = Callable[[Activations], Activations]
 
 
 @dataclass(frozen=True)

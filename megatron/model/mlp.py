@@ -1,6 +1,6 @@
 """The transformer MLP: up projection, activation, down projection.
 
-Width ``ffn`` from :func:`~megatron.neox_arguments.groups_model.mlp_width` (per half for gated
+Width ``ffn`` from :func:`~megatron.model.args.mlp_width` (per half for gated
 activations). Gated activations use one fused up projection whose full weight is
 ``[gate; up]`` (``2 * ffn`` rows; Hugging Face Llama's ``gate_proj`` then ``up_proj``), split
 with ``partition_stride=2`` so every tensor-parallel rank holds matching halves of both and
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from megatron.model.activations import activation_function, is_gated
+from megatron.model.args import ModelArgs, mlp_width
 from megatron.model.init_methods import InitFn
-from megatron.neox_arguments.groups_model import ModelArgs, mlp_width
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.parallel.state import ParallelState
 

@@ -14,7 +14,9 @@ Norm parameters are replicated over tensor-parallel ranks (``partition_dim`` -1)
 A norm applied to tensor-parallel shards of a tensor (the per-head query/key norms) is built
 with ``grad_sum_group``: its replicated parameters then enter the forward through
 :func:`~megatron.parallel.mappings.copy_to_tp_region`, so backward sums their gradient over the
-group and every rank holds the full gradient.
+group and every rank holds the full gradient. A norm applied to a sequence-parallel tensor is
+built with ``sequence_parallel=True``: its parameters are marked for the gradient all-reduce
+over the tensor-parallel group (:func:`megatron.parallel.allreduce_sequence_parallel_grads`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.neox_arguments.groups_model import ModelArgs
+from megatron.model.args import ModelArgs
 from megatron.parallel.layers import set_tensor_parallel_attributes
 from megatron.parallel.mappings import copy_to_tp_region
 
@@ -41,6 +43,10 @@ class _Norm(nn.Module):
         for p in self.parameters():
             set_tensor_parallel_attributes(p, False)
 
+    def _mark(self, sequence_parallel: bool) -> None:
+        if sequence_parallel:
+            mark_sequence_parallel(self)
+
     def _param(self, p: torch.Tensor | None) -> torch.Tensor | None:
         if p is None or self.grad_sum_group is None:
             return p
@@ -49,14 +55,16 @@ class _Norm(nn.Module):
 
 class LayerNorm(_Norm):
     def __init__(
-        self, dim: int, eps: float, *, bias: bool = True, grad_sum_group: Any = None
-    ) -> None:
+        self, dim: int, eps: float, *, bias: bool = True, grad_sum_group: Any = None,
+        sequence_parallel: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__(grad_sum_group)
         self.dim = dim
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self._replicated()
+        self._mark(sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (self.dim,), self._param(self.weight), self._param(self.bias),
@@ -68,14 +76,16 @@ class LayerNorm(_Norm):
 
 class RMSNorm(_Norm):
     def __init__(
-        self, dim: int, eps: float, *, fused: bool = False, grad_sum_group: Any = None
-    ) -> None:
+        self, dim: int, eps: float, *, fused: bool = False, grad_sum_group: Any = None,
+        sequence_parallel: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__(grad_sum_group)
         self.dim = dim
         self.eps = eps
         self.fused = fused
         self.weight = nn.Parameter(torch.ones(dim))
         self._replicated()
+        self._mark(sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._param(self.weight)
@@ -91,12 +101,15 @@ class RMSNorm(_Norm):
 
 
 class ScaleNorm(_Norm):
-    def __init__(self, dim: int, eps: float, *, grad_sum_group: Any = None) -> None:
+    def __init__(
+        self, dim: int, eps: float, *, grad_sum_group: Any = None, sequence_parallel: bool = False
+    ) -> None:
         super().__init__(grad_sum_group)
         self.dim = dim
         self.eps = eps
         self.g = nn.Parameter(torch.ones(1))
         self._replicated()
+        self._mark(sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=self.eps)
@@ -106,17 +119,30 @@ class ScaleNorm(_Norm):
         return f"{self.dim}, eps={self.eps}"
 
 
-def build_norm(model: ModelArgs, dim: int, *, grad_sum_group: Any = None) -> nn.Module:
-    """The norm selected by ``model.norm`` over the last dimension of size ``dim``."""
+def norm_spec(
+    model: ModelArgs, dim: int, *, grad_sum_group: Any = None, sequence_parallel: bool = False
+) -> tuple[type[nn.Module], dict[str, Any]]:
+    """``(class, keyword arguments)`` of the norm selected by ``model.norm`` over the last
+    dimension of size ``dim`` (the pipeline builds the final norm from this spec)."""
+    common: dict[str, Any] = {"dim": dim, "grad_sum_group": grad_sum_group,
+                              "sequence_parallel": sequence_parallel}
     if model.norm == "layernorm":
-        return LayerNorm(dim, model.layernorm_epsilon, bias=model.use_bias_in_norms,
-                         grad_sum_group=grad_sum_group)
+        return LayerNorm, {**common, "eps": model.layernorm_epsilon,
+                           "bias": model.use_bias_in_norms}
     if model.norm == "rmsnorm":
-        return RMSNorm(dim, model.rms_norm_epsilon, fused=model.rmsnorm_fusion,
-                       grad_sum_group=grad_sum_group)
+        return RMSNorm, {**common, "eps": model.rms_norm_epsilon, "fused": model.rmsnorm_fusion}
     if model.norm == "scalenorm":
-        return ScaleNorm(dim, model.scalenorm_epsilon, grad_sum_group=grad_sum_group)
+        return ScaleNorm, {**common, "eps": model.scalenorm_epsilon}
     raise ValueError(f"unknown norm {model.norm!r}")
+
+
+def build_norm(
+    model: ModelArgs, dim: int, *, grad_sum_group: Any = None, sequence_parallel: bool = False
+) -> nn.Module:
+    """The norm selected by ``model.norm`` over the last dimension of size ``dim``."""
+    cls, kwargs = norm_spec(model, dim, grad_sum_group=grad_sum_group,
+                            sequence_parallel=sequence_parallel)
+    return cls(**kwargs)
 
 
 def norm_parameter_count(model: ModelArgs, dim: int) -> int:

@@ -1,22 +1,26 @@
-"""The GPT model as a DeepSpeed ``PipelineModule``, built from the same blocks as
+"""The GPT model as a DeepSpeed ``PipelineModule``, built from the blocks of
 :class:`~megatron.model.gpt.GPTModel`.
 
-Layer specs, in order::
+Layer specs, in the order of :func:`~megatron.model.layout.pipeline_layout`::
 
-    EmbeddingPipe                      (TiedLayerSpec "embed" when the output layer is tied)
-    [RelativePositionBiasPipe]         (TiedLayerSpec "rpe", before every layer, pos_emb: rpe)
-    TransformerLayerPipe x num_layers
-    NormPipe
-    OutputLayerPipe                    (or TiedLayerSpec "embed" computing the logits)
+    Embedding                          (TiedLayerSpec "embed" when the output layer is tied)
+    [RelativePositionBias]             (TiedLayerSpec "rpe", before every layer, pos_emb: rpe)
+    TransformerLayer x num_layers
+    LayerNorm | RMSNorm | ScaleNorm    (the final norm)
+    OutputLayer                        (or TiedLayerSpec "embed" computing the logits)
 
-The first stage receives ``(tokens, position_ids, attention_mask)`` (all tensors; the mask as
-the data pipeline builds it) and the loss ``(labels, loss_mask)``. Between layers the activations
-travel as ``(hidden [s, b, h], position_ids, mask)`` where ``mask`` is empty (``numel() == 0``)
-for plain causal attention; the last transformer layer hands on the hidden state alone. The
-type-based default partition ``type:transformer|mlp`` balances the ``TransformerLayerPipe``
-entries. With tied embeddings DeepSpeed keeps one copy of the word embedding on the first and the
-last stage and sums their gradients (a last stage builds it without the position embeddings);
-the T5 bias table is tied the same way across stages.
+The specs build the model's own block classes; a stage runs its slice of the blocks through
+:func:`~megatron.model.blocks.run_blocks`, like the plain model. The only pipeline-specific
+step is at the stage boundaries, where :class:`~megatron.model.layout.Activations` become the
+tuple of tensors DeepSpeed sends (:func:`activations_from_pipeline`,
+:func:`activations_to_pipeline`): the first stage receives ``(tokens, position_ids,
+attention_mask)`` (the mask as the data pipeline builds it) and the loss ``(labels,
+loss_mask)``; between stages travel ``(hidden [s, b, h], position_ids, mask)`` where ``mask``
+is empty (``numel() == 0``) for plain causal attention; the last stage returns the logits. The
+type-based default partition ``type:transformer|mlp`` balances the ``TransformerLayer``
+entries. With tied embeddings DeepSpeed keeps one copy of the word embedding on the first and
+the last stage and sums their gradients (a last stage builds it without the position
+embeddings); the T5 bias table is tied the same way across stages.
 
 Sequence parallelism: the gradients of the sequence-parallel parameters (norms, row-parallel
 biases) are summed over the tensor-parallel group by the hooks of
@@ -33,107 +37,50 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime import utils as ds_utils
 from torch import nn
 
+from megatron.model.args import ModelArgs
 from megatron.model.attention import AttentionInputs
-from megatron.model.embedding import Embedding, parallel_logits
-from megatron.model.gpt import check_model_args, lm_loss, plain_causal_to_none, rotary_embedding
-from megatron.model.init_methods import model_init_methods
-from megatron.model.layout import pipeline_layout, preserved_rng
-from megatron.model.norms import build_norm, mark_sequence_parallel
+from megatron.model.blocks import BlockSpec, block_specs, block_step, run_blocks
+from megatron.model.embedding import tied_output
+from megatron.model.gpt import check_model_args, lm_loss, plain_causal_to_none
+from megatron.model.layout import Activations, PipeEntry, Step, pipeline_layout, preserved_rng
 from megatron.model.positional import RelativePositionBias
-from megatron.model.transformer import TransformerLayer
-from megatron.neox_arguments.groups_model import (
-    ActivationCheckpointArgs,
-    ModelArgs,
-    ParallelismArgs,
-    attention_layer_types,
-)
-from megatron.parallel.layers import ColumnParallelLinear, register_sequence_parallel_grad_hooks
-from megatron.parallel.random import RNGStatesTracker, checkpoint
+from megatron.parallel.layers import register_sequence_parallel_grad_hooks
+from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
 
-Activations = tuple[torch.Tensor, ...]
+if TYPE_CHECKING:
+    from megatron.neox_arguments.groups_model import ActivationCheckpointArgs, ParallelismArgs
+
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------- stage layers
-class EmbeddingPipe(Embedding):
-    """``(tokens, position_ids, attention_mask) -> (hidden, position_ids, mask)``."""
-
-    def __init__(self, model: ModelArgs, *, state: ParallelState, **kwargs: Any) -> None:
-        super().__init__(model, state=state, **kwargs)
-        self.parallel_state = state
-
-    def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
-        tokens, position_ids, attention_mask = inputs
-        mask = plain_causal_to_none(attention_mask, tokens.shape[1])
-        if mask is None:
-            mask = torch.zeros(0, dtype=torch.bool, device=tokens.device)
-        return super().forward(tokens, position_ids), position_ids, mask
+# ------------------------------------------------------------------- stage boundaries
+def activations_from_pipeline(inputs: tuple[torch.Tensor, ...], *, first: bool) -> Activations:
+    """The activations a stage starts from: the batch's ``(tokens, position_ids,
+    attention_mask)`` on the first stage, ``(hidden, position_ids, mask)`` from the previous
+    stage otherwise. An empty mask means plain causal attention, as does the plain causal mask
+    itself on the first stage."""
+    x, position_ids, mask = inputs
+    attention_mask: torch.Tensor | None = mask if mask.numel() else None
+    if first:
+        attention_mask = plain_causal_to_none(attention_mask, x.shape[1])
+    return Activations(x, AttentionInputs(position_ids, attention_mask))
 
 
-def tied_output_logits(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    """The tied output layer: ``hidden [s, b, h]`` -> logits ``[b, s, V / tp]``."""
-    logits = parallel_logits(hidden, embedding.word_embeddings.weight, embedding.parallel_state,
-                             sequence_parallel=embedding.sequence_parallel)
-    return logits.transpose(0, 1)
-
-
-class RelativePositionBiasPipe(RelativePositionBias):
-    """Appends the T5 bias ``[1, local heads, s, s]`` for the next transformer layer."""
-
-    def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
-        hidden, position_ids, mask = inputs[:3]
-        s = position_ids.shape[1]
-        return hidden, position_ids, mask, super().forward(s, s, 0)
-
-
-class TransformerLayerPipe(TransformerLayer):
-    """One transformer layer at a fixed depth (the regex default ``transformer`` matches it)."""
-
-    def __init__(
-        self, model: ModelArgs, *, layer_number: int, attention_type: str, last: bool,
-        **kwargs: Any,
-    ) -> None:  # fmt: skip
-        super().__init__(model, **kwargs)
-        self.layer_number = layer_number
-        self.attention_type = attention_type
-        self.last = last
-
-    def forward(self, inputs: Activations) -> Activations | torch.Tensor:  # type: ignore[override]
-        hidden, position_ids, mask = inputs[:3]
-        bias = inputs[3] if len(inputs) > 3 else None
-        attn_inputs = AttentionInputs(position_ids, mask if mask.numel() else None, bias)
-        out = super().forward(hidden, attn_inputs, layer_number=self.layer_number,
-                              attention_type=self.attention_type)
-        return out if self.last else (out, position_ids, mask)
-
-
-class NormPipe(nn.Module):
-    """The final norm (state-dict name ``norm.*`` inside the stage)."""
-
-    def __init__(self, model: ModelArgs, *, sequence_parallel: bool) -> None:
-        super().__init__()
-        assert model.hidden_size is not None
-        self.norm = build_norm(model, model.hidden_size)
-        if sequence_parallel:
-            mark_sequence_parallel(self.norm)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
-
-
-class OutputLayerPipe(ColumnParallelLinear):
-    """The untied output layer: ``[s, b, h] -> [b, s, V / tp]``."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden).transpose(0, 1)
+def activations_to_pipeline(act: Activations) -> tuple[torch.Tensor, ...]:
+    """The tensors a stage sends to the next (an empty mask stands for plain causal). The T5
+    bias is not sent: every layer's bias entry sits on that layer's stage and recomputes it."""
+    mask = act.inputs.attention_mask
+    if mask is None:
+        mask = torch.zeros(0, dtype=torch.bool, device=act.x.device)
+    return act.x, act.inputs.position_ids, mask
 
 
 # ------------------------------------------------------------------------ the module
@@ -149,22 +96,46 @@ class PipelineLMLoss:
         return lm_loss(logits, targets, loss_mask, self.state, fp32=self.fp32)
 
 
-class TrackedCheckpoint:
-    """``activation_checkpoint_func`` replaying the tracker's dropout streams on recompute."""
-
-    def __init__(self, tracker: RNGStatesTracker | None) -> None:
-        self.tracker = tracker
-
-    def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
-        return checkpoint(function, self.tracker, *args)
-
-
 class GPTPipelineModule(PipelineModule):
-    """``PipelineModule`` with the parallel state and this model's stage partitioning."""
+    """``PipelineModule`` over the GPT blocks: runs this stage's blocks like
+    :class:`~megatron.model.gpt.GPTModel` runs all of them (``checkpoint_layers`` transformer
+    layers per checkpointed chunk, ``tracker`` replaying dropout on recompute)."""
 
-    def __init__(self, layers: list[Any], *, state: ParallelState, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        layers: list[LayerSpec],
+        *,
+        model: ModelArgs,
+        state: ParallelState,
+        tracker: RNGStatesTracker | None = None,
+        checkpoint_layers: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(layers=layers, **kwargs)
         self.parallel_state = state
+        self.tracker = tracker
+        self.checkpoint_layers = checkpoint_layers
+        layout = pipeline_layout(model)
+        self.steps: list[tuple[PipeEntry, Step]] = [
+            (layout[index], block_step(layout[index], self._block(index)))
+            for index in range(self._local_start, self._local_stop)
+        ]
+
+    def _block(self, index: int) -> nn.Module:
+        """The module this stage built for spec ``index``."""
+        spec = self._layer_specs[index]
+        if isinstance(spec, TiedLayerSpec):
+            return self.tied_modules[spec.key]
+        return getattr(self, str(index))
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        act = activations_from_pipeline(inputs, first=self._local_start == 0)
+        recompute = self.training and torch.is_grad_enabled()
+        act = run_blocks(self.steps, act, tracker=self.tracker,
+                         checkpoint_layers=self.checkpoint_layers if recompute else 0)
+        if self._local_stop == len(self._layer_specs):
+            return act.x  # the logits, for loss_fn
+        return activations_to_pipeline(act)
 
     def _partition_layers(self, method: str = "uniform") -> None:
         # DeepSpeed's own partitioning plus one rule: a T5 bias entry stays on its layer's stage
@@ -215,47 +186,21 @@ def pipeline_layer_specs(
     if model.num_unique_layers is not None:
         raise ValueError("num_unique_layers (shared layers) needs pipe_parallel_size: 0")
     assert model.num_layers is not None and model.hidden_size is not None
-    init, output_init = model_init_methods(model)
-    sp = sequence_parallel and state.tp_size > 1
-    rotary = rotary_embedding(model)
-    kinds = attention_layer_types(model.attention_config, model.num_layers)
-    common = {"state": state, "tracker": tracker, "sequence_parallel": sp}
+    blocks = block_specs(model, padded_vocab_size=padded_vocab_size, state=state,
+                         tracker=tracker, sequence_parallel=sequence_parallel and state.tp_size > 1)
 
-    def embedding_spec(**extra: Any) -> LayerSpec:
-        args = {"padded_vocab_size": padded_vocab_size, "init_method": init, **common}
-        if model.no_weight_tying:
-            return SeededLayerSpec(EmbeddingPipe, model, **args)
-        return SeededTiedLayerSpec("embed", EmbeddingPipe, model,
-                             tied_weight_attr=["word_embeddings.weight"], **extra, **args)
+    def layer_spec(block: BlockSpec) -> LayerSpec:
+        entry = block.entry
+        if entry.kind in ("embed", "output") and entry.tied:
+            forward_fn = tied_output if entry.kind == "output" else None
+            return SeededTiedLayerSpec("embed", block.cls, **block.kwargs, forward_fn=forward_fn,
+                                       tied_weight_attr=["word_embeddings.weight"])
+        if entry.kind == "rpe":
+            return SeededTiedLayerSpec("rpe", block.cls, **block.kwargs,
+                                       tied_weight_attr=["relative_attention_bias.weight"])
+        return SeededLayerSpec(block.cls, **block.kwargs)
 
-    def layer_spec(depth: int) -> LayerSpec:
-        return SeededLayerSpec(
-            TransformerLayerPipe, model, layer_number=depth + 1, attention_type=kinds[depth],
-            last=depth == model.num_layers - 1, init_method=init, output_init_method=output_init,
-            rotary=rotary, **common,
-        )  # fmt: skip
-
-    specs: list[LayerSpec] = []
-    for entry in pipeline_layout(model):
-        if entry.kind == "embed":
-            specs.append(embedding_spec())
-        elif entry.kind == "rpe":
-            specs.append(SeededTiedLayerSpec(
-                "rpe", RelativePositionBiasPipe, num_buckets=model.rpe_num_buckets,
-                max_distance=model.rpe_max_distance, num_heads=model.num_attention_heads,
-                state=state, init_method=init, tied_weight_attr=["relative_attention_bias.weight"],
-            ))  # fmt: skip
-        elif entry.kind == "layer":
-            specs.append(layer_spec(entry.layer))
-        elif entry.kind == "final_norm":
-            specs.append(SeededLayerSpec(NormPipe, model, sequence_parallel=sp))
-        elif entry.tied:
-            specs.append(embedding_spec(forward_fn=tied_output_logits, word_only=True))
-        else:
-            specs.append(SeededLayerSpec(
-                OutputLayerPipe, model.hidden_size, padded_vocab_size, state=state, bias=False,
-                init_method=init, sequence_parallel_input=sp,
-            ))  # fmt: skip
+    specs = [layer_spec(block) for block in blocks]
     if init_seed is not None:
         for index, spec in enumerate(specs):
             spec.init_seed = init_seed + index
@@ -293,7 +238,7 @@ def _keep_bias_with_layer(parts: list[int], specs: list[LayerSpec]) -> list[int]
     the bias is computed on the stage of the layer using it (and never sent between stages)."""
     parts = list(parts)
     for i in range(1, len(parts) - 1):
-        if 0 < parts[i] <= len(specs) and specs[parts[i] - 1].typename is RelativePositionBiasPipe:
+        if 0 < parts[i] <= len(specs) and specs[parts[i] - 1].typename is RelativePositionBias:
             parts[i] -= 1
     if any(b <= a for a, b in zip(parts, parts[1:])):
         raise ValueError(f"too few layers for {len(parts) - 1} pipeline stages: {parts}")
@@ -326,14 +271,13 @@ def build_pipeline_model(
     sp = state.sequence_parallel if sequence_parallel is None else sequence_parallel
     specs = pipeline_layer_specs(model, padded_vocab_size=padded_vocab_size, state=state,
                                  tracker=tracker, sequence_parallel=sp, init_seed=init_seed)
-    interval = act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
+    chunk = act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
     with preserved_rng(init_seed is not None):
         module = GPTPipelineModule(
-            specs, state=state, topology=state.topology.to_deepspeed(),
+            specs, model=model, state=state, tracker=tracker, checkpoint_layers=chunk,
+            topology=state.topology.to_deepspeed(),
             loss_fn=loss_fn or PipelineLMLoss(state, fp32=not model.fp16_lm_cross_entropy),
             partition_method=parallelism.pipe_partition_method,
-            activation_checkpoint_interval=interval,
-            activation_checkpoint_func=TrackedCheckpoint(tracker),
         )  # fmt: skip
     if sp and state.tp_size > 1:  # as in the plain model
         register_sequence_parallel_grad_hooks(module, state)
@@ -354,7 +298,7 @@ def _prefix_table(model: ModelArgs) -> list[tuple[str, str]]:
         elif entry.kind == "layer":
             table.append((f"{index}.", f"layers.{entry.layer}."))
         elif entry.kind == "final_norm":
-            table.append((f"{index}.norm.", "final_norm."))
+            table.append((f"{index}.", "final_norm."))
         elif entry.tied:
             table.append((f"{index}.", "embed."))
         else:

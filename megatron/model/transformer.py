@@ -20,6 +20,10 @@ With sequence parallelism the norms and dropouts see this rank's part of the seq
 dropout masks come from the tracker's model-parallel stream and the norm parameters are marked
 for the gradient all-reduce
 (:func:`megatron.parallel.register_sequence_parallel_grad_hooks`).
+
+A layer is built for one depth (``layer_number``, 1-based, and its ``attention_type``) and runs
+as a block (``forward(Activations) -> Activations``); a layer shared by several depths
+(``num_unique_layers``) is called with each depth's number and type.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.model.args import ModelArgs
 from megatron.model.attention import AttentionInputs, SelfAttention
 from megatron.model.init_methods import InitFn
+from megatron.model.layout import Activations
 from megatron.model.mlp import MLP
-from megatron.model.norms import build_norm, mark_sequence_parallel
+from megatron.model.norms import build_norm
 from megatron.model.positional import RotaryEmbedding
-from megatron.neox_arguments.groups_model import ModelArgs
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
 
@@ -52,17 +57,21 @@ class TransformerLayer(nn.Module):
         init_method: InitFn,
         output_init_method: InitFn,
         rotary: RotaryEmbedding | None = None,
+        layer_number: int = 1,
+        attention_type: str = "global",
     ) -> None:
         super().__init__()
         assert model.hidden_size is not None
         hidden = model.hidden_size
+        self.layer_number = layer_number
+        self.attention_type = attention_type
         self.parallel_residual = model.gpt_j_residual
         self.residual_from_norm = model.apply_residual_connection_post_layernorm
         self.hidden_dropout = model.hidden_dropout
         self.sequence_parallel = sequence_parallel
         self.tracker = tracker
 
-        self.input_layernorm = build_norm(model, hidden)
+        self.input_layernorm = build_norm(model, hidden, sequence_parallel=sequence_parallel)
         self.attention = SelfAttention(
             model, state=state, tracker=tracker, sequence_parallel=sequence_parallel,
             init_method=init_method, output_init_method=output_init_method, rotary=rotary,
@@ -70,15 +79,12 @@ class TransformerLayer(nn.Module):
         if model.gpt_j_residual and model.gpt_j_tied:
             self.post_attention_layernorm: nn.Module | None = None
         else:
-            self.post_attention_layernorm = build_norm(model, hidden)
+            self.post_attention_layernorm = build_norm(model, hidden,
+                                                       sequence_parallel=sequence_parallel)
         self.mlp = MLP(
             model, state=state, sequence_parallel=sequence_parallel, init_method=init_method,
             output_init_method=output_init_method,
         )  # fmt: skip
-        if sequence_parallel:
-            mark_sequence_parallel(self.input_layernorm)
-            if self.post_attention_layernorm is not None:
-                mark_sequence_parallel(self.post_attention_layernorm)
 
     @contextlib.contextmanager
     def _dropout_rng(self) -> Iterator[None]:
@@ -97,6 +103,23 @@ class TransformerLayer(nn.Module):
             return F.dropout(x, p=self.hidden_dropout, training=self.training)
 
     def forward(
+        self,
+        act: Activations,
+        *,
+        layer_number: int | None = None,
+        attention_type: str | None = None,
+    ) -> Activations:
+        """The block: hidden states in, hidden states out, at this layer's depth unless
+        ``layer_number`` / ``attention_type`` say otherwise; uses this depth's slot of
+        ``act.kv_cache`` when one is set."""
+        number = self.layer_number if layer_number is None else layer_number
+        kind = self.attention_type if attention_type is None else attention_type
+        kv = act.kv_cache.layer(number - 1) if act.kv_cache is not None else None
+        out = self.forward_hidden(act.x, act.inputs, layer_number=number, attention_type=kind,
+                                  kv=kv)
+        return act.with_x(out)
+
+    def forward_hidden(
         self,
         x: torch.Tensor,
         inputs: AttentionInputs,

@@ -11,18 +11,19 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron.model.args import (
+    ATTENTION_TYPES,
+    SPARSE_ATTENTION_TYPES,
+    attention_layer_types,
+    mlp_width,
+)
 from megatron.neox_arguments.checks_input import check_values
 from megatron.neox_arguments.fields import ConfigError
-from megatron.neox_arguments.groups_model import attention_layer_types, mlp_width
 
 if TYPE_CHECKING:
     from megatron.neox_arguments.config import NeoXConfig
     from megatron.neox_arguments.resolve import Locator, RunFacts
 
-SUPPORTED_ATTENTION = ("global", "flash", "local")
-SPARSE_ATTENTION = (
-    "sparse_fixed", "sparse_variable", "bigbird", "bslongformer", "gmlp", "amlp",
-)  # fmt: skip
 NEEDS_VOCAB = ("GPT2BPETokenizer", "HFGPT2Tokenizer", "HFTokenizer", "SPMTokenizer",
                "TiktokenTokenizer")
 
@@ -128,14 +129,14 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
     except ValueError as exc:
         raise loc.error("attention_config", message=str(exc)) from None
     for kind in sorted(set(kinds)):
-        if kind in SPARSE_ATTENTION:
+        if kind in SPARSE_ATTENTION_TYPES:
             raise loc.error("attention_config", message=(
                 f"{kind!r} attention needs DeepSpeed's GPU sparse-attention kernels (triton), "
-                f"which are not available; use one of {', '.join(SUPPORTED_ATTENTION)}"))
-        if kind not in SUPPORTED_ATTENTION:
+                f"which are not available; use one of {', '.join(ATTENTION_TYPES)}"))
+        if kind not in ATTENTION_TYPES:
             raise loc.error("attention_config", message=(
                 f"unknown attention type {kind!r}; choose from "
-                f"{', '.join(SUPPORTED_ATTENTION)}"))
+                f"{', '.join(ATTENTION_TYPES)}"))
     if "local" in kinds and m.sliding_window_width is None:
         raise loc.error("sliding_window_width", message="required by 'local' attention layers")
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron.model.args import ModelArgs
 from megatron.neox_arguments.groups_deepspeed import DeepSpeedArgs, LauncherArgs
 from megatron.neox_arguments.groups_io import (
     DataArgs,
@@ -14,11 +15,7 @@ from megatron.neox_arguments.groups_io import (
     TextGenArgs,
     TokenizerArgs,
 )
-from megatron.neox_arguments.groups_model import (
-    ActivationCheckpointArgs,
-    ModelArgs,
-    ParallelismArgs,
-)
+from megatron.neox_arguments.groups_model import ActivationCheckpointArgs, ParallelismArgs
 from megatron.neox_arguments.groups_training import (
     CheckpointArgs,
     LRArgs,

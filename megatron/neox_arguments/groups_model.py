@@ -1,24 +1,11 @@
-"""Config sections for parallelism, the model architecture and activation checkpointing."""
+"""Config sections for parallelism and activation checkpointing; the model architecture
+section is :class:`megatron.model.args.ModelArgs`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
 
 from megatron.neox_arguments.fields import key
-
-PosEmb = Literal["learned", "sinusoidal", "rotary", "rpe", "alibi", "none"]
-Norm = Literal["layernorm", "rmsnorm", "scalenorm"]
-Activation = Literal[
-    "gelu", "relu", "silu", "swish", "mish", "softsign",
-    "geglu", "reglu", "swiglu", "bilinear", "glu",
-]  # fmt: skip
-InitMethod = Literal[
-    "normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform",
-    "xavier_normal", "wang_init", "small_init", "single_residual_scaled_normal",
-]  # fmt: skip
-
-GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "bilinear", "glu")
 
 
 @dataclass(frozen=True)
@@ -46,119 +33,6 @@ class ParallelismArgs:
 
 
 @dataclass(frozen=True)
-class ModelArgs:
-    num_layers: int | None = key(None, "Number of transformer layers.", origin="Meg")
-    hidden_size: int | None = key(None, "Transformer hidden size.", origin="Meg")
-    num_attention_heads: int | None = key(None, "Number of attention (query) heads.",
-                                          origin="Meg")
-    num_kv_heads: int | None = key(
-        None, "Number of key/value heads for grouped-query attention; unset means "
-        "num_attention_heads (multi-head attention).")
-    intermediate_size: int | None = key(
-        None, "MLP hidden width (for gated activations: the width of each of the two halves, as "
-        "Hugging Face Llama counts it). Unset: 4 x hidden_size, or for gated activations "
-        "8/3 x hidden_size rounded up to a multiple of mlp_multiple_of.")
-    mlp_multiple_of: int = key(1, "Round the derived gated-MLP width up to a multiple of this "
-                               "(Llama uses 256).")
-    seq_length: int | None = key(None, "Training sequence length.", origin="Meg")
-    max_position_embeddings: int | None = key(
-        None, "Largest position the model supports (size of the learned position table); "
-        "defaults to seq_length.", origin="Meg")
-    norm: Norm = key("layernorm", "Normalization layer: layernorm, rmsnorm or scalenorm.")
-    layernorm_epsilon: float = key(1.0e-5, "LayerNorm epsilon.", origin="Meg")
-    rms_norm_epsilon: float = key(1.0e-8, "RMSNorm epsilon.")
-    scalenorm_epsilon: float = key(1.0e-8, "ScaleNorm epsilon.")
-    use_bias_in_norms: bool = key(True, "Learn a bias in LayerNorm (rmsnorm/scalenorm have none).")
-    layernorm_fusion: bool = key(False, "Use a fused LayerNorm kernel where one is available "
-                                 "(same numbers).")
-    rmsnorm_fusion: bool = key(False, "Use a fused RMSNorm kernel where one is available "
-                               "(same numbers).")
-    pos_emb: PosEmb = key(
-        "learned", "Position encoding: learned, sinusoidal, rotary, rpe (T5 relative buckets), "
-        "alibi or none.")
-    rpe_num_buckets: int = key(32, "T5 relative position encoding: number of buckets.")
-    rpe_max_distance: int = key(128, "T5 relative position encoding: maximum distance.")
-    rotary_pct: float = key(1.0, "Fraction of each head's dimensions that rotary embeddings "
-                            "rotate (partial rotary, as in GPT-NeoX/Pythia).")
-    rotary_emb_base: int = key(10000, "Base of the rotary embedding frequencies.")
-    rotary_save_freqs_buffer: bool = key(
-        False, "Keep the rotary inverse-frequency buffer in checkpoints.")
-    rope_fusion: bool = key(False, "Use a fused rotary kernel where one is available "
-                            "(same numbers).")
-    opt_pos_emb_offset: int = key(0, "Offset added to learned position ids (OPT uses 2).")
-    no_weight_tying: bool = key(False, "Untie the input embedding and the output layer.")
-    activation: Activation = key(
-        "gelu", "MLP activation: gelu, relu, silu/swish, mish, softsign, or the gated geglu, "
-        "reglu, swiglu, bilinear, glu.")
-    geglu: bool = key(False, "Legacy switch for the geglu activation (same as activation: geglu).")
-    openai_gelu: bool = key(False, "Use the tanh approximation of GeLU.", origin="Meg")
-    onnx_safe: bool = key(False, "Use ONNX-exportable operations where they differ.", origin="Meg")
-    use_bias_in_attn_linear: bool = key(True, "Biases in the QKV and attention output "
-                                        "projections.")
-    use_bias_in_mlp: bool = key(True, "Biases in the MLP projections.")
-    use_qk_layernorm: bool = key(False, "LayerNorm on queries and keys before attention.")
-    attention_config: list | None = key(
-        None, "Attention type per layer as [[[types], count], ...], e.g. [[['global'], 12]]. "
-        "Types: global, flash (global attention through the fused kernel), local (sliding "
-        "window); the sparse types need DeepSpeed's GPU sparse-attention kernels.")
-    sparsity_config: dict | None = key(None, "Settings for DeepSpeed sparse attention layers.")
-    sliding_window_width: int | None = key(
-        None, "Window of 'local' attention layers (tokens each query sees, itself included).")
-    sparsity: Literal["none", "all", "interspersed"] = key(
-        "none", "Legacy sparse attention switch: none, all or interspersed.")
-    num_unique_layers: int | None = key(
-        None, "Number of distinct transformer layers; num_layers must be a multiple. Layers "
-        "are shared according to param_sharing_style.", origin="Meg")
-    param_sharing_style: Literal["grouped", "spaced"] = key(
-        "grouped", "With num_unique_layers: 'grouped' repeats each unique layer consecutively "
-        "(AABB), 'spaced' cycles through them (ABAB).", origin="Meg")
-    make_vocab_size_divisible_by: int = key(
-        128, "Pad the vocabulary to a multiple of this times model_parallel_size.", origin="Meg")
-    apply_residual_connection_post_layernorm: bool = key(
-        False, "Take the residual from after the input norm (original BERT ordering).",
-        origin="Meg")
-    gpt_j_residual: bool = key(False, "Parallel attention and MLP (GPT-J / Pythia residual).")
-    gpt_j_tied: bool = key(False, "With gpt_j_residual, use one input norm for both branches.")
-    scaled_upper_triang_masked_softmax_fusion: bool = key(
-        False, "Fuse scaling, causal masking and softmax (picks the fused attention path).",
-        origin="Meg")
-    scaled_masked_softmax_fusion: bool = key(
-        False, "Fuse scaling, general masking and softmax.", origin="Meg")
-    bias_gelu_fusion: bool = key(False, "Fuse the MLP bias add with GeLU.", origin="Meg")
-    bias_dropout_fusion: bool = key(False, "Fuse bias add, dropout and residual add.",
-                                    origin="Meg")
-    use_flashattn_swiglu: bool = key(False, "Use flash-attn's fused SwiGLU kernel when "
-                                     "installed (GPU only).")
-    fp16_lm_cross_entropy: bool = key(
-        False, "Compute the language-model cross entropy in the half precision type instead "
-        "of fp32.", origin="Meg")
-    init_method_std: float = key(0.02, "Standard deviation of the normal initializations.",
-                                 origin="Meg")
-    init_method: InitMethod = key("normal", "Initialization of the input-side weights.")
-    output_layer_init_method: InitMethod = key(
-        "scaled_normal", "Initialization of the layers that write into the residual stream "
-        "(attention output and MLP down projections).")
-    output_layer_parallelism: Literal["column"] = key(
-        "column", "How the output layer is split over tensor-parallel ranks.")
-    apply_query_key_layer_scaling: bool = key(
-        False, "Scale Q.K^T by 1/layer_number (and back in softmax); turns on "
-        "attention_softmax_in_fp32.", origin="Meg")
-    attention_softmax_in_fp32: bool = key(False, "Run attention masking and softmax in fp32.",
-                                          origin="Meg")
-    use_cpu_initialization: bool = key(False, "Initialize parallel weights on the CPU.",
-                                       origin="Meg")
-    attention_dropout: float = key(0.0, "Dropout on the attention probabilities.", origin="Meg")
-    hidden_dropout: float = key(0.0, "Dropout on the outputs of attention and MLP.",
-                                origin="Meg")
-    use_mup: bool = key(False, "Maximal update parametrization.",
-                        unsupported="muP is not supported")
-    soft_prompt_tuning: dict | None = key(None, "Soft prompt tuning settings.",
-                                          unsupported="soft prompt tuning is not supported")
-    mlp_type: Literal["regular", "llama"] = key(
-        "regular", "Legacy switch: 'llama' means a SwiGLU MLP without biases.")
-
-
-@dataclass(frozen=True)
 class ActivationCheckpointArgs:
     checkpoint_activations: bool = key(
         False, "Recompute each chunk of layers in the backward pass instead of keeping its "
@@ -180,41 +54,3 @@ class ActivationCheckpointArgs:
                                  origin="Meg")
     distribute_checkpointed_activations: bool = key(
         False, "Megatron name for partition_activations.", origin="Meg")
-
-
-def attention_layer_types(attention_config: Any, num_layers: int) -> list[str]:
-    """Expand ``[[["global", "local"], 4], ...]`` into one attention type per layer.
-
-    ``"all"`` as a count means every layer. Raises ``ValueError`` when the counts do not add up
-    to ``num_layers``.
-    """
-    if attention_config is None:
-        return ["global"] * num_layers
-    out: list[str] = []
-    for entry in attention_config:
-        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-            raise ValueError(f"entries look like [[types], count], got {entry!r}")
-        kinds, count = entry
-        if isinstance(kinds, str):
-            kinds = [kinds]
-        if count == "all":
-            count = num_layers
-        if not isinstance(count, int) or count < 0 or not kinds:
-            raise ValueError(f"bad entry {entry!r}")
-        for i in range(count):
-            out.append(str(kinds[i % len(kinds)]))
-    if len(out) != num_layers:
-        raise ValueError(f"describes {len(out)} layers but num_layers is {num_layers}")
-    return out
-
-
-def mlp_width(model: ModelArgs, activation: str) -> int:
-    """Width of the MLP's hidden layer (of each half for gated activations)."""
-    if model.intermediate_size is not None:
-        return model.intermediate_size
-    assert model.hidden_size is not None
-    if activation in GATED_ACTIVATIONS:
-        width = int(2 * 4 * model.hidden_size / 3)
-        multiple = max(1, model.mlp_multiple_of)
-        return multiple * ((width + multiple - 1) // multiple)
-    return 4 * model.hidden_size

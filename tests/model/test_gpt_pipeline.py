@@ -23,7 +23,12 @@ from megatron.model import (
     pipeline_layer_specs,
     pipeline_to_model_state_dict,
 )
-from megatron.model.pipeline import pipeline_layout
+from megatron.model.blocks import block_step, run_blocks
+from megatron.model.pipeline import (
+    activations_from_pipeline,
+    activations_to_pipeline,
+    pipeline_layout,
+)
 from megatron.parallel import ParallelState, RankTopology, split_tensor
 from tests.distributed import run_distributed
 from tests.model.gpt_model_helpers import batch, build, document_mask, make_config
@@ -246,18 +251,13 @@ def test_pipeline_layers_compute_the_plain_model() -> None:
     specs = pipeline_layer_specs(cfg.model, padded_vocab_size=cfg.tokenizer.padded_vocab_size,
                                  state=ParallelState.single(), tracker=None)
     modules: dict[str, torch.nn.Module] = {}
-    funcs = []
-    for spec in specs:
+    steps = []
+    for index, (entry, spec) in enumerate(zip(pipeline_layout(cfg.model), specs)):
         key = getattr(spec, "key", None)
-        if key is None:
-            module = spec.build()
-            funcs.append(module)
-            modules[str(len(funcs) - 1)] = module
-        else:
-            if key not in modules:
-                modules[key] = spec.build()
-            fn = spec.forward_fn
-            funcs.append(modules[key] if fn is None else (lambda x, m=modules[key], f=fn: f(m, x)))
+        name = str(index) if key is None else key
+        if name not in modules:
+            modules[name] = spec.build()
+        steps.append((entry, block_step(entry, modules[name])))
     holder = torch.nn.ModuleDict(modules)
     pipe_sd = model_to_pipeline_state_dict(model.state_dict(), cfg.model)
     for name, module in holder.items():
@@ -267,9 +267,11 @@ def test_pipeline_layers_compute_the_plain_model() -> None:
         module.eval()
     tokens, _, _ = batch(2, 16)
     mask, positions = document_mask(tokens, [6])
-    x = (tokens, positions, mask)
-    for fn in funcs:
-        x = fn(x)
+    # two stages, cut after the first transformer layer, and the tensors sent between them
+    half = [entry.kind for entry, _ in steps].index("layer") + 1
+    act = run_blocks(steps[:half], activations_from_pipeline((tokens, positions, mask), first=True))
+    sent = activations_to_pipeline(act)
+    x = run_blocks(steps[half:], activations_from_pipeline(sent, first=False)).x
     assert_close(x, model(tokens, positions, mask), rtol=1e-5, atol=1e-6)
 
 
@@ -326,3 +328,21 @@ def test_pipeline_engine_step_with_tensor_and_sequence_parallelism() -> None:
             sharded, dim, stride = out[rank]["attrs"][name]
             full = split_tensor(expected[name], dim, 2, rank, stride) if sharded else expected[name]
             assert_close(value, full, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+
+
+def test_stage_boundaries_read_an_empty_or_plain_causal_mask_as_causal() -> None:
+    tokens, _, _ = batch(2, 8)
+    positions = torch.arange(8).expand(2, 8)
+    empty = torch.zeros(0, dtype=torch.bool)
+    causal = torch.ones(8, 8, dtype=torch.bool).triu(1).view(1, 1, 8, 8)
+    for mask, first in ((empty, True), (empty, False), (causal, True)):
+        act = activations_from_pipeline((tokens, positions, mask), first=first)
+        assert act.inputs.attention_mask is None
+    doc, _ = document_mask(tokens, [3])
+    act = activations_from_pipeline((tokens, positions, doc), first=True)
+    assert act.inputs.attention_mask is doc
+    sent = activations_to_pipeline(act.with_x(torch.zeros(8, 2, 4)))
+    assert sent[1] is positions and sent[2] is doc
+    assert activations_to_pipeline(activations_from_pipeline(sent, first=False))[2] is doc
+    assert activations_to_pipeline(
+        activations_from_pipeline((tokens, positions, empty), first=True))[2].numel() == 0

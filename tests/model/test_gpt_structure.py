@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from megatron.model import gather_logits, lm_loss
 from megatron.model.attention import AttentionInputs
+from megatron.model.layout import Activations
 from megatron.model_size import parameter_count
 from megatron.parallel import ParallelState, model_parallel_seed
 from tests.model.gpt_model_helpers import batch, build, grads, load_tiny, make_config
@@ -55,8 +56,8 @@ def test_state_dict_names_are_the_documented_ones() -> None:
 
 
 def _run_layer(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    return layer(x, AttentionInputs(torch.arange(x.shape[0]).expand(x.shape[1], -1)),
-                 layer_number=1)
+    inputs = AttentionInputs(torch.arange(x.shape[0]).expand(x.shape[1], -1))
+    return layer(Activations(x, inputs), layer_number=1).x
 
 
 @pytest.mark.parametrize("form", ["pre-norm", "post-ln-residual", "gpt-j", "gpt-j-tied"])

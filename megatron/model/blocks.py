@@ -1,0 +1,183 @@
+"""The model's blocks in layout order: what to build for each, and how to run them. Shared by
+the plain model and the pipeline.
+
+:func:`block_specs` gives, for every entry of the layout, the block class and its arguments:
+:class:`~megatron.model.gpt.GPTModel` builds them directly, the pipeline wraps them in
+DeepSpeed layer specs.
+
+Every entry of :func:`~megatron.model.layout.pipeline_layout` becomes one *step*, an
+``Activations -> Activations`` function (:func:`block_step`). The embedding, the transformer
+layers and the untied output layer are blocks themselves (their ``forward`` takes and returns
+:class:`~megatron.model.layout.Activations`); the T5 bias table, the final norm and the tied
+output layer keep their plain tensor interface and run through :func:`add_position_bias`,
+:func:`normalize` and :func:`~megatron.model.embedding.tied_output`.
+
+:class:`~megatron.model.gpt.GPTModel` runs all steps; a pipeline stage runs its slice of them.
+Both go through :func:`run_blocks`, which also applies activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from megatron.model.args import ModelArgs, attention_layer_types
+from megatron.model.embedding import Embedding, OutputLayer, tied_output
+from megatron.model.init_methods import model_init_methods
+from megatron.model.layout import Activations, PipeEntry, Step, pipeline_layout
+from megatron.model.norms import norm_spec
+from megatron.model.positional import RelativePositionBias, RotaryEmbedding
+from megatron.model.transformer import TransformerLayer
+from megatron.parallel.random import RNGStatesTracker, checkpoint
+from megatron.parallel.state import ParallelState
+
+
+# ----------------------------------------------------------------------------- build
+def rotary_embedding(model: ModelArgs) -> RotaryEmbedding | None:
+    """The shared rotary tables of a ``pos_emb: rotary`` model (None otherwise)."""
+    if model.pos_emb != "rotary":
+        return None
+    assert model.hidden_size and model.num_attention_heads and model.max_position_embeddings
+    head_dim = model.hidden_size // model.num_attention_heads
+    return RotaryEmbedding(
+        int(head_dim * model.rotary_pct), base=model.rotary_emb_base,
+        max_positions=model.max_position_embeddings,
+        save_inv_freq=model.rotary_save_freqs_buffer,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The block of one layout entry: ``cls(**kwargs)``."""
+
+    entry: PipeEntry
+    cls: type[nn.Module]
+    kwargs: dict[str, Any]
+
+    def build(self) -> nn.Module:
+        return self.cls(**self.kwargs)
+
+
+def block_specs(
+    model: ModelArgs,
+    *,
+    padded_vocab_size: int,
+    state: ParallelState,
+    tracker: RNGStatesTracker | None,
+    sequence_parallel: bool,
+) -> list[BlockSpec]:
+    """Class and arguments of the block of every layout entry, in layout order. The layers
+    share one rotary table; the tied output entry is a word-only :class:`Embedding` (the
+    plain model uses its embedding instead, the pipeline's last stage builds this copy)."""
+    assert model.num_layers is not None and model.hidden_size is not None
+    init, output_init = model_init_methods(model)
+    rotary = rotary_embedding(model)
+    kinds = attention_layer_types(model.attention_config, model.num_layers)
+    sp = sequence_parallel
+    common = {"state": state, "tracker": tracker, "sequence_parallel": sp}
+    embedding = {"model": model, "padded_vocab_size": padded_vocab_size, "init_method": init,
+                 **common}
+
+    def spec(entry: PipeEntry) -> BlockSpec:
+        assert model.hidden_size is not None
+        if entry.kind == "embed":
+            return BlockSpec(entry, Embedding, embedding)
+        if entry.kind == "rpe":
+            return BlockSpec(entry, RelativePositionBias, {
+                "num_buckets": model.rpe_num_buckets, "max_distance": model.rpe_max_distance,
+                "num_heads": model.num_attention_heads, "state": state, "init_method": init,
+            })  # fmt: skip
+        if entry.kind == "layer":
+            return BlockSpec(entry, TransformerLayer, {
+                "model": model, "layer_number": entry.layer + 1,
+                "attention_type": kinds[entry.layer], "init_method": init,
+                "output_init_method": output_init, "rotary": rotary, **common,
+            })  # fmt: skip
+        if entry.kind == "final_norm":
+            norm, kwargs = norm_spec(model, model.hidden_size, sequence_parallel=sp)
+            return BlockSpec(entry, norm, kwargs)
+        if entry.tied:
+            return BlockSpec(entry, Embedding, {**embedding, "word_only": True})
+        return BlockSpec(entry, OutputLayer, {
+            "in_features": model.hidden_size, "out_features": padded_vocab_size, "state": state,
+            "bias": False, "init_method": init, "sequence_parallel_input": sp,
+        })  # fmt: skip
+
+    return [spec(entry) for entry in pipeline_layout(model)]
+
+
+# ------------------------------------------------------------------------------- run
+
+
+def add_position_bias(rpe: RelativePositionBias, act: Activations) -> Activations:
+    """Compute the T5 bias of this forward pass for the attention layers that follow."""
+    inputs = act.inputs
+    q_len = inputs.position_ids.shape[1]
+    bias = rpe(q_len, inputs.start_pos + q_len, inputs.start_pos)
+    return dataclasses.replace(act, inputs=dataclasses.replace(inputs, position_bias=bias))
+
+
+def normalize(norm: nn.Module, act: Activations) -> Activations:
+    """Apply a norm (a plain tensor module) to the hidden states."""
+    return act.with_x(norm(act.x))
+
+
+def block_step(entry: PipeEntry, block: nn.Module) -> Step:
+    """How ``block``, built for layout entry ``entry``, acts in the sequence."""
+    if entry.kind == "rpe":
+        assert isinstance(block, RelativePositionBias)
+        return partial(add_position_bias, block)
+    if entry.kind == "final_norm":
+        return partial(normalize, block)
+    if entry.kind == "output" and entry.tied:
+        assert isinstance(block, Embedding)
+        return partial(tied_output, block)
+    return block
+
+
+def run_blocks(
+    steps: Sequence[tuple[PipeEntry, Step]],
+    act: Activations,
+    *,
+    checkpoint_layers: int = 0,
+    tracker: RNGStatesTracker | None = None,
+) -> Activations:
+    """Run ``steps`` in order.
+
+    With ``checkpoint_layers > 0`` every run of that many consecutive transformer layers
+    (together with the T5 bias steps in front of them) is checkpointed: its activations are
+    recomputed in backward instead of kept, replaying the tracker's dropout streams.
+    """
+    if checkpoint_layers <= 0:
+        for _, step in steps:
+            act = step(act)
+        return act
+
+    def run_chunk(chunk: list[Step], act: Activations) -> Activations:
+        for step in chunk:
+            act = step(act)
+        return act
+
+    chunk: list[Step] = []
+    layers = 0
+    for entry, step in steps:
+        if entry.kind not in ("rpe", "layer"):
+            if chunk:
+                act = checkpoint(run_chunk, tracker, chunk, act)
+                chunk, layers = [], 0
+            act = step(act)
+            continue
+        chunk.append(step)
+        if entry.kind == "layer":
+            layers += 1
+            if layers == checkpoint_layers:
+                act = checkpoint(run_chunk, tracker, chunk, act)
+                chunk, layers = [], 0
+    if chunk:
+        act = checkpoint(run_chunk, tracker, chunk, act)
+    return act
