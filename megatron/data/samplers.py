@@ -114,4 +114,16 @@ def build_data_loader(
         collate_fn=collate_samples,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker: SIGTERM and SIGINT are for the rank, which saves at the next step
+    boundary and then shuts its workers down. A whole process group signalled at once (Slurm
+    preemption, Ctrl-C) reaches the workers too, and a worker dying of it would end the rank
+    with an error before it could save."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

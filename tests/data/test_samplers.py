@@ -72,3 +72,23 @@ def test_data_loader_batches_for_one_rank():
     assert first["text"][:, 0].tolist() == [10, 11] and first["label"][:, 0].tolist() == [-10, -11]
     assert batches[1]["text"][:, 0].tolist() == [14, 15]
     assert build_data_loader(None, 0, 2, 0, 1) is None
+
+
+def test_loader_workers_survive_a_stop_signal_sent_to_the_whole_group():
+    """SIGTERM to every process of a rank (Slurm preemption signals the process group) leaves
+    its loader workers running: the rank saves at the next step and shuts them down itself."""
+    import os
+    import signal
+
+    loader = build_data_loader(
+        _Toy(), consumed_samples=0, micro_batch_size=2, dp_rank=0, dp_size=1, num_workers=2
+    )
+    it = iter(loader)
+    seen = [next(it)["text"][:, 0].tolist()]
+    workers = [w.pid for w in it._workers]
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    seen += [b["text"][:, 0].tolist() for b in it]
+    assert seen == [[2 * i, 2 * i + 1] for i in range(len(_Toy()) // 2)]
