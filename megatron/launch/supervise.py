@@ -50,7 +50,17 @@ def _worker_processes(launcher_pid: int, user_script: str) -> list:
                 found.append(child)
         except psutil.Error:
             continue
-    return found
+    # a rank's data-loader workers are forks with the rank's own command line: the rank, not
+    # the launcher, stops them (after it has saved)
+    pids = {p.pid for p in found}
+    ranks = []
+    for proc in found:
+        try:
+            if proc.ppid() not in pids:
+                ranks.append(proc)
+        except psutil.Error:
+            continue
+    return ranks
 
 
 def _become_subreaper() -> None:
