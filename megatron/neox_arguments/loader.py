@@ -21,21 +21,26 @@ CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 
 class _NeoXLoader(yaml.SafeLoader):
     """PyYAML's safe loader, also reading ``1e-5`` (no dot) as a float like YAML 1.2 does, and
-    refusing a key that appears twice in one mapping (YAML leaves that to the loader; PyYAML
-    keeps the last one silently)."""
+    refusing a key set twice in one mapping to different values (YAML leaves that to the
+    loader; PyYAML keeps the last one silently). A key repeated with the same value, as some
+    published GPT-NeoX configs do, is accepted."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        seen: dict[Any, tuple[int, Any]] = {}
+        for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:  # an unhashable key: the base class reports it
                 continue
-            if first != key_node.start_mark.line + 1:
+            value = self.construct_object(value_node, deep=True)
+            if first is None:
+                seen[key] = (line, value)
+            elif first[1] != value:  # the same value twice says nothing new (GPT-NeoX's 20B)
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping (lines {first} and "
-                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                    None, None, f"key {key!r} is set twice in one mapping, to different values "
+                    f"(lines {first[0]} and {line})", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -214,8 +219,8 @@ def _count_values(data: Any, limit: int) -> int:
 def _json_mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
-        if key in out:
-            raise ConfigError(f"key {key!r} appears twice in one mapping")
+        if key in out and out[key] != value:
+            raise ConfigError(f"key {key!r} is set twice in one mapping, to different values")
         out[key] = value
     return out
 

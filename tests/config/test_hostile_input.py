@@ -36,11 +36,19 @@ def _refused(tmp_path: Path, text: str | bytes, match: str, name: str = "bad.yml
 
 
 def test_duplicate_keys_at_any_depth_are_refused(tmp_path):
-    _refused(tmp_path, "num_layers: 2\nnum_layers: 3\n", "'num_layers' appears twice")
+    _refused(tmp_path, "num_layers: 2\nnum_layers: 3\n", "'num_layers' is set twice")
     _refused(tmp_path, "optimizer:\n  type: Adam\n  params:\n    lr: 1\n    lr: 2\n",
-             r"line 5: .*'lr' appears twice in one mapping \(lines 4 and 5\)")
-    _refused(tmp_path, '{"num_layers": 2, "num_layers": 3}', "'num_layers' appears twice",
+             r"line 5: .*'lr' is set twice in one mapping, to different values \(lines 4 and 5\)")
+    _refused(tmp_path, '{"num_layers": 2, "num_layers": 3}', "'num_layers' is set twice",
              name="bad.json")
+    _refused(tmp_path, "a: {b: [1, 2]}\na: {b: [1, 3]}\n", "'a' is set twice")
+
+
+def test_a_key_repeated_with_the_same_value_is_accepted(tmp_path):
+    """GPT-NeoX's own 20B config sets init_method twice, to the same value."""
+    path = tmp_path / "same.yml"
+    path.write_text("init_method: small_init\nnum_layers: 2\ninit_method: small_init\n")
+    assert load_config_files([str(path)]).values["init_method"] == "small_init"
 
 
 def test_binary_and_non_utf8_files_are_refused(tmp_path):
