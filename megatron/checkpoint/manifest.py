@@ -74,10 +74,24 @@ def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
 
 
 def read_latest(load_dir: Path) -> str | None:
+    """The tag ``latest`` names (None without the file); a tag that is not a directory name
+    inside ``load_dir`` (``..``, a path) is an error, never followed."""
     path = load_dir / LATEST
     if not path.is_file():
         return None
     tag = path.read_text().strip()
     if not tag:
         raise CheckpointError(f"{path}: empty")
+    if tag in (".", "..") or "/" in tag or "\\" in tag:
+        raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint directory "
+                              f"inside {load_dir}")
     return tag
+
+
+def step_directories(save_dir: Path) -> list[Path]:
+    """Every ``global_stepN`` directory of ``save_dir``, complete or not, oldest first."""
+    if not save_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in save_dir.iterdir()
+             if p.is_dir() and (m := TAG_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]

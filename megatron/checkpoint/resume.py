@@ -36,6 +36,7 @@ from megatron.checkpoint.manifest import (
     CheckpointError,
     atomic_write,
     read_latest,
+    step_directories,
     tag_for,
     verify_checkpoint,
     write_manifest,
@@ -188,6 +189,31 @@ class Loaded:
     tag_dir: Path
 
 
+def refuse_to_start_over(load_dir: Path) -> None:
+    """With checkpoints in ``load_dir`` but no ``latest`` (deleted, or the folder copied without
+    it), starting from scratch would overwrite them: stop and say which exist instead."""
+    steps = step_directories(load_dir)
+    if not steps:
+        return
+    complete = [p for _, p in complete_checkpoints(load_dir)]
+    newest = f"; the newest complete one is {complete[-1].name}" if complete else \
+        "; none of them is complete"
+    names = ", ".join(p.name for p in steps[-5:]) + (" ..." if len(steps) > 5 else "")
+    raise CheckpointError(
+        f"{load_dir}: holds {names} but no '{LATEST}' file{newest}: write the tag to resume "
+        f"from into {load_dir / LATEST}, or point load/save at another directory (a run from "
+        "scratch would overwrite these)")
+
+
+def _earlier_hint(load_dir: Path, tag: str) -> str:
+    """The newest complete checkpoint other than ``tag``, as advice after a load error."""
+    others = [p for _, p in complete_checkpoints(load_dir) if p.name != tag]
+    if not others:
+        return ""
+    return (f"; the newest complete checkpoint besides it is {others[-1]} (write "
+            f"'{others[-1].name}' into {load_dir / LATEST} to resume from it)")
+
+
 def load_checkpoint(
     engine: Any,
     options: LoadOptions,
@@ -199,10 +225,14 @@ def load_checkpoint(
     load_dir = Path(options.load_dir)
     tag = read_latest(load_dir)
     if tag is None:
+        refuse_to_start_over(load_dir)
         log(f"no checkpoint in {load_dir} (no '{LATEST}' file): starting from scratch")
         return None
     tag_dir = load_dir / tag
-    manifest = verify_checkpoint(tag_dir)
+    try:
+        manifest = verify_checkpoint(tag_dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}{_earlier_hint(load_dir, tag)}") from None
     module_only = options.finetune
     load_optimizer = options.load_optimizer and not module_only
     if load_optimizer and not manifest.get("has_optimizer", True):

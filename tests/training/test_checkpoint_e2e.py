@@ -149,3 +149,22 @@ def test_checkpoint_without_optimizer_state_resumes_with_a_fresh_optimizer(corpu
     assert second.returncode == 0, explain(second)
     assert "holds no optimizer state" in second.stdout and "(iteration 2)" in second.stdout
     assert max(losses(run)) == 3
+
+
+def test_checkpoints_without_latest_are_never_overwritten(corpus, tmp_path, uninterrupted):
+    """`latest` deleted (or the folder copied without it): the run stops with one line naming
+    the checkpoints, exit status 2, and leaves every file as it was."""
+    import shutil
+
+    run = tmp_path / "run"
+    ckpt = run / "ckpt"
+    shutil.copytree(uninterrupted / "ckpt", ckpt)
+    (ckpt / "latest").unlink()
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    values = base_values(corpus, run, save=str(ckpt), load=str(ckpt), save_interval=1, **TRAIN)
+    proc = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "a.yml", values))
+    assert proc.returncode == 2, explain(proc)
+    assert f"{ckpt}: holds global_step5, global_step6 but no 'latest' file; the newest " \
+           "complete one is global_step6" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
