@@ -41,7 +41,7 @@ MODES = {
     "fp8-compiled": {"fp8_training": True},
 }
 VOCAB = 50277  # the GPT-NeoX tokenizer (padded by the config's make_vocab_size_divisible_by)
-NEEDS_GPU = "bench/bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False here): " \
+NEEDS_GPU = "bench/bench_gpu.py needs a CUDA GPU (none is visible here): " \
             "nothing was measured"
 
 
@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args)
     import torch
 
-    if not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
+    from megatron import accelerator
+
+    if not accelerator.gpu_present():
         print(NEEDS_GPU, flush=True)
         return 0
     default_models = ["1.3B"] if args.quick else list(MODELS)
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     loss_gaps(cases)
     devices = sorted({c["device"] for c in cases if "device" in c})
-    result = {"device": devices[0] if devices else torch.cuda.get_device_name(0),
+    result = {"device": devices[0] if devices else accelerator.device_name(),
               "torch": torch.__version__, "quick": bool(args.quick),
               "seconds": time.time() - started, "cases": cases,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
+    """Whether this machine has a usable CUDA GPU (whatever ``DS_ACCELERATOR`` says)."""
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
@@ -27,7 +28,7 @@ def ensure_accelerator_env() -> str:
     """
     name = os.environ.get("DS_ACCELERATOR")
     if not name:
-        name = "cuda" if _gpu_present() else "cpu"
+        name = "cuda" if gpu_present() else "cpu"
         os.environ["DS_ACCELERATOR"] = name
     return name
 
@@ -71,7 +72,7 @@ def communication_backend() -> str:
 
 def device_count() -> int:
     """Number of local GPUs (0 on a CPU-only machine)."""
-    return torch.cuda.device_count() if _gpu_present() else 0
+    return torch.cuda.device_count() if gpu_present() else 0
 
 
 def synchronize() -> None:
@@ -125,7 +126,7 @@ def flash_attention_available() -> bool:
 
 def compute_capability() -> tuple[int, int] | None:
     """CUDA compute capability of this rank's device, or None off CUDA (CPU, other vendors)."""
-    if accelerator_name() != "cuda" or not _gpu_present():
+    if accelerator_name() != "cuda" or not gpu_present():
         return None
     major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
     return int(major), int(minor)

@@ -5,8 +5,8 @@ set -u
 cd "$(dirname "$0")/.."
 py=${GPU_PY:-python3}
 out=runs/gpu-check
-if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "make gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here): nothing was run"
+if ! "$py" -c 'import sys; from megatron.accelerator import gpu_present; sys.exit(0 if gpu_present() else 1)'; then
+  echo "make gpu-check needs a CUDA GPU (none is visible here): nothing was run"
   exit 0
 fi
 rm -rf "$out"; mkdir -p "$out"

@@ -29,7 +29,8 @@ for name in needed:
 if missing:
     raise SystemExit("gpu_env: missing modules: " + "; ".join(missing))
 import torch
-print(f"gpu_env: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+from megatron.accelerator import gpu_present
+print(f"gpu_env: torch {torch.__version__}, CUDA available: {gpu_present()}")
 PY
 }
 _gpu_env_main

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NEEDS_GPU = "make test-gpu needs a CUDA GPU (torch.cuda.is_available() is False here): " \
+NEEDS_GPU = "make test-gpu needs a CUDA GPU (none is visible here): " \
             "nothing was run"
 
 
 def cuda_present() -> bool:
-    import torch
+    from megatron.accelerator import gpu_present
 
-    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    return gpu_present()
 
 
 def main(argv: list[str]) -> int:
