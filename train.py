@@ -6,8 +6,11 @@
 or, for one process without the launcher, ``python train.py configs/tiny_neox.yml ...``.
 """
 
-from megatron.runtime import run_main
-from megatron.training.loop import train
+from megatron.training.stop_signal import StopSignal
 
 if __name__ == "__main__":
-    run_main(train)
+    stop = StopSignal()  # from here on SIGTERM/SIGINT stop the run at a step boundary
+    from megatron.runtime import run_main
+    from megatron.training.loop import train
+
+    run_main(lambda: train(stop=stop))

@@ -75,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the launch (the supervisor handles signals after it)
+        print("deepy.py: interrupted before the launch; nothing was started", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     rest = list(args.configs)
     dry_run = args.dry_run

@@ -30,6 +30,17 @@ class RankFailure:
         return f"rank {self.rank}" + (f" ({where})" if where else "") + f" {self.how}"
 
 
+# rank 0's last line after a stop on a signal (megatron.training.stop_signal.STOP_LINE)
+_STOP_RE = re.compile(r"^stopped on (SIG[A-Z0-9]+) at iteration (\d+); (.+?)\s*$")
+
+
+def parse_stop(line: str) -> str | None:
+    """The stop line's text (signal, iteration, checkpoint) when ``line`` is rank 0's report
+    that the run stopped on a signal after saving."""
+    m = _STOP_RE.match(line)
+    return f"{m.group(1)} at iteration {m.group(2)}; {m.group(3)}" if m else None
+
+
 _GUARD_RE = re.compile(r"\[rank-guard\] rank (\?|\d+) \(pid (\d+) on (\S+)\) "
                        r"(was killed by \S+|exited with status \d+)(?: at \S+)?"
                        r"(?: \(after (\w+)\))?")

@@ -39,6 +39,7 @@ RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK",
                   "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
 FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
 PR_SET_PDEATHSIG = 1
+SUPERVISOR_ENV = "DEEPY_SUPERVISOR"  # "host:pid" of deepy.py (megatron.launch.supervise)
 
 
 def rank_of(env: dict[str, str]) -> str:
@@ -65,6 +66,28 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
             os._exit(137)
     except Exception:
         pass
+
+
+def supervisor_pid(env: dict[str, str], host: str) -> int | None:
+    """deepy.py's pid when it runs on this host (it starts the job in a process group of its
+    own, so a kill -9 of its group no longer reaches the ranks: the guards watch it instead)."""
+    where, _, pid = env.get(SUPERVISOR_ENV, "").rpartition(":")
+    return int(pid) if where == host and pid.isdigit() else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie is gone
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
@@ -105,13 +128,27 @@ def main(argv: list[str]) -> int:
     child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
     for signum in pending:
         forward(signum, None)
-    code = child.wait()
+    host = socket.gethostname()
+    supervisor = supervisor_pid(dict(os.environ), host)
+    while True:
+        try:
+            code = child.wait(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            if supervisor is not None and not alive(supervisor):
+                child.kill()
+                received.append(signal.SIGKILL)
+                print(f"{PREFIX} deepy.py (pid {supervisor}) is gone: stopping rank "
+                      f"{rank_of(dict(os.environ))}", file=sys.stderr, flush=True)
+                supervisor = None
+    if received:  # the job is stopping: late copies of the signal must not kill the guard
+        for name in FORWARDED:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     if code == 0:
         return 0
     what = (f"was killed by {signal_name(-code)}" if code < 0
             else f"exited with status {code}")
     after = f" (after {signal_name(received[0])})" if received else ""
-    host = socket.gethostname()
     line = (f"{PREFIX} rank {rank_of(dict(os.environ))} (pid {child.pid} on {host}) {what} "
             f"at {time.strftime('%H:%M:%S')}{after}")
     try:

@@ -17,10 +17,14 @@ import threading
 import time
 from typing import Any
 
-from megatron.launch.failures import first_failure, parse_failure
+from megatron.launch.failures import first_failure, parse_failure, parse_stop
 
 FAILURE_GRACE_S = 20.0  # after a rank failed: time the launcher gets to stop the job itself
 KILL_AFTER_S = 15.0  # ... then SIGTERM, and this long after that SIGKILL
+STOP_WAIT_S = 600.0  # after a stop signal: time the ranks get to save once the launcher is gone
+# "host:pid" of deepy.py, for the rank guards: a guard whose deepy.py is gone (kill -9) takes its
+# rank down, as a signal to the whole process group used to
+SUPERVISOR_ENV = "DEEPY_SUPERVISOR"
 
 
 def _is_rank_cmdline(cmdline: list[str], script: str) -> bool:
@@ -98,6 +102,7 @@ class _StderrWatch:
     def __init__(self, stream: Any) -> None:
         self.failures: list = []
         self.first_at: float | None = None
+        self.stopped: str | None = None  # rank 0's stop line: the run saved and stopped
         self._fd = stream.fileno()
         self._thread = threading.Thread(target=self._run, name="deepy-stderr", daemon=True)
         self._thread.start()
@@ -111,7 +116,10 @@ class _StderrWatch:
             pass
 
     def _line(self, raw: bytes) -> None:
-        failure = parse_failure(raw.decode("utf-8", "replace"))
+        text = raw.decode("utf-8", "replace")
+        if (stop := parse_stop(text)) is not None:
+            self.stopped = stop
+        failure = parse_failure(text)
         if failure is not None:
             self.failures.append(failure)
             if self.first_at is None:
@@ -160,23 +168,67 @@ def supervise(argv: list[str], env: dict[str, str], user_script: str, *, pdsh: b
     grace = FAILURE_GRACE_S if grace is None else grace
     kill_after = KILL_AFTER_S if kill_after is None else kill_after
     _become_subreaper()
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    import socket
+
+    env = {**env, SUPERVISOR_ENV: f"{socket.gethostname()}:{os.getpid()}"}
+    # The job runs in a process group of its own: a signal to deepy.py's group (Ctrl-C in the
+    # terminal, ``kill -TERM -PGID``, a batch system stopping the job's main process) reaches
+    # deepy.py alone, which passes it on to the ranks once. Delivered to the launchers as well,
+    # DeepSpeed's launch.py would kill the ranks 30 s later and its runner would die at once.
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, process_group=0)
     watch = _StderrWatch(proc.stderr)
+    signalled: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
+        signalled.append(signum)
         workers = _worker_processes(proc.pid, user_script)
-        _signal_all(workers or [proc], signal.SIGTERM)
+        if workers:  # the ranks treat SIGTERM and SIGINT alike
+            _signal_all(workers, signum)
+            return
+        if pdsh:  # DeepSpeed's runner stops the ranks on every node
+            _signal_all([proc], signal.SIGTERM)
+            return
+        import psutil
+
+        try:  # srun and mpirun pass SIGTERM on to their tasks
+            backends = psutil.Process(proc.pid).children()
+        except psutil.Error:
+            backends = []
+        _signal_all(backends or [proc], signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = _watch(proc, watch, pdsh, grace, kill_after)
+        watch.join(timeout=2)
+        if signalled or watch.stopped:
+            _wait_for_ranks(STOP_WAIT_S)  # launchers killed by the signal leave ranks saving
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    watch.join(timeout=2)
     leftovers = _stop_leftovers()
     watch.join(timeout=5)
-    return _report(code, watch.failures, leftovers)
+    return _report(code, watch.failures, leftovers, watch.stopped)
+
+
+def _wait_for_ranks(timeout: float) -> None:
+    """After a stop signal, the launcher may be gone while ranks still save: wait for every
+    process the job left (re-parented to deepy.py, a subreaper) to exit on its own."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for p in _descendants():
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(p.pid, os.WNOHANG)
+                else:
+                    alive.append(p)
+            except (psutil.Error, ChildProcessError, OSError):
+                continue
+        if not alive:
+            return
+        time.sleep(0.25)
 
 
 def _watch(proc: subprocess.Popen, watch: _StderrWatch, pdsh: bool, grace: float,
@@ -242,13 +294,17 @@ def _stop_leftovers() -> list[str]:
     return names
 
 
-def _report(code: int, failures: list, leftovers: list[str]) -> int:
+def _report(code: int, failures: list, leftovers: list[str], stopped: str | None = None) -> int:
     if code < 0:
         code = 128 - code
     if leftovers:
         print(f"deepy.py: stopped {len(leftovers)} process(es) still running after the "
               f"launcher exited: {', '.join(leftovers)}", file=sys.stderr, flush=True)
     failed = first_failure(failures)
+    if failed is None and stopped is not None:
+        print(f"deepy.py: the job stopped on {stopped}",
+              file=sys.stderr, flush=True)
+        return 0
     if failed is not None:
         code = code or 1
         others = len({(f.rank, f.host) for f in failures}) - 1

@@ -125,5 +125,9 @@ def run_main(main: Any) -> None:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         code = 3
+    except KeyboardInterrupt:  # generate/eval (train.py records SIGINT instead)
+        rank = os.environ.get("RANK", "0")
+        print(f"interrupted (rank {rank})", file=sys.stderr, flush=True)
+        code = 130
     shutdown_distributed(synchronize=not code)
     sys.exit(code or 0)

@@ -1,4 +1,4 @@
-"""Loop control shared by all ranks: skipping non-finite steps and stopping on signals.
+"""Loop control shared by all ranks: skipping non-finite steps, and the collective stop decision.
 
 Both decisions are collective: every rank contributes its local view and all ranks act on the
 all-reduced result, so no rank ever waits in a collective the others skipped.
@@ -7,14 +7,13 @@ all-reduced result, so no rank ever waits in a collective the others skipped.
 from __future__ import annotations
 
 import math
-import signal
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 
-def _world_max(values: list[float], group: Any = None) -> list[float]:
+def world_max(values: list[float], group: Any = None) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size(group) > 1:
@@ -97,7 +96,7 @@ class StepGuard:
         if grads_finite is None:
             grads_finite = _grads_finite(params)
         bad = self.local_bad or not grads_finite
-        self.skip = _world_max([float(bad)], self.group)[0] > 0
+        self.skip = world_max([float(bad)], self.group)[0] > 0
         self.decided = True
         return self.skip
 
@@ -140,32 +139,3 @@ def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(torch._foreach_norm(grads))
     return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
 
-
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a request to stop at the next step boundary.
-
-    The request is all-reduced at each boundary, so a signal that reached any one rank stops
-    every rank at the same iteration (after a checkpoint is saved).
-    """
-
-    def __init__(self, enabled: bool, group: Any = None):
-        self.enabled = enabled
-        self.group = group
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-        if enabled:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def should_stop(self) -> bool:
-        if not self.enabled:
-            return False
-        return _world_max([float(self.received is not None)], self.group)[0] > 0
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()

@@ -7,9 +7,12 @@ datasets and loaders positioned at the consumed-sample counts -> train -> test.
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +20,7 @@ import torch
 from megatron import accelerator
 from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
 from megatron.runtime import Runtime, start
-from megatron.training.control import StopSignal
+from megatron.training.control import world_max
 from megatron.training.data_setup import (
     LMBatch,
     SampleBudget,
@@ -29,6 +32,7 @@ from megatron.training.data_setup import (
 )
 from megatron.training.engine import Engine
 from megatron.training.engine_setup import build_engine
+from megatron.training.stop_signal import STOP_LINE, StopSignal
 
 
 @dataclass
@@ -58,12 +62,16 @@ class Trainer:
     """Runs the steps, evaluations and checkpoints of one training run over an
     :class:`~megatron.training.engine.Engine` (the same code for every parallel layout)."""
 
-    def __init__(self, rt: Runtime, engine: Engine, budget: SampleBudget, metrics: Any):
+    def __init__(self, rt: Runtime, engine: Engine, budget: SampleBudget, metrics: Any,
+                 stop: StopSignal | None = None):
         self.rt, self.cfg, self.engine, self.budget = rt, rt.cfg, engine, budget
         self.tokenizer, self.metrics = rt.tokenizer, metrics
         self.progress = Progress()
+        self.loaded_iteration: int | None = None
         self.guard = engine.guard
-        self.stop = StopSignal(self.cfg.training.save_on_signal)
+        self.stop = stop if stop is not None else StopSignal()
+        if not self.cfg.training.save_on_signal:
+            self.stop.disable()
         self.inject = set(self.cfg.training.inject_nonfinite_loss_iters or ())
         self.started = time.time()
 
@@ -105,7 +113,7 @@ class Trainer:
             return
         cs = loaded.client_state
         p = self.progress
-        p.iteration = loaded.iteration
+        p.iteration = self.loaded_iteration = loaded.iteration
         p.consumed_train_samples = int(cs.get("consumed_train_samples",
                                               p.iteration * self.cfg.training.train_batch_size))
         p.consumed_valid_samples = int(cs.get("consumed_valid_samples", 0))
@@ -175,9 +183,7 @@ class Trainer:
         p.interval_start, p.interval_iters = time.time(), 0
         reason = "done"
         while p.iteration < self.budget.train_iters:
-            if self.stop.should_stop():
-                self.metrics.info(f"stop requested by a signal: saving at iteration {p.iteration}")
-                self.save()
+            if self.stop_requested():
                 return "signal"
             loss, skipped = self.train_step(batches)
             p.iteration += 1
@@ -208,6 +214,30 @@ class Trainer:
                 self.save()
         return reason
 
+    def stop_requested(self) -> bool:
+        """At a step boundary: did a stop signal reach any rank? If so, every rank saves a
+        checkpoint here (unless this is the iteration just loaded) and rank 0 prints one line,
+        on stderr where deepy.py reads it, naming the signal and the checkpoint."""
+        if not self.cfg.training.save_on_signal:
+            return False
+        signum = int(world_max([float(self.stop.received or 0)])[0])
+        if not signum:
+            return False
+        it, save_dir = self.progress.iteration, self.cfg.checkpoint.save
+        name = signal.Signals(signum).name
+        self.metrics.info(f"stop requested by a signal ({name}): saving at iteration {it}")
+        if self.loaded_iteration == it and self.cfg.checkpoint.load:
+            where = f"checkpoint: {Path(self.cfg.checkpoint.load) / f'global_step{it}'} " \
+                "(loaded by this run; nothing new to save)"
+        elif save_dir:
+            self.save()
+            where = f"checkpoint: {Path(save_dir) / f'global_step{it}'}"
+        else:
+            where = "no checkpoint written (`save` is not set)"
+        if self.rt.state.rank == 0:
+            print(f"{STOP_LINE} {name} at iteration {it}; {where}", file=sys.stderr, flush=True)
+        return True
+
     def log_training(self) -> None:
         p, eng = self.progress, self.engine
         elapsed = time.time() - p.interval_start
@@ -224,7 +254,10 @@ class Trainer:
         p.interval_start = time.time()
 
 
-def train(argv: list[str] | None = None) -> int:
+def train(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
+    """One training run. ``stop`` is the signal recorder ``train.py`` installs before its
+    imports (one is installed here otherwise)."""
+    stop = stop if stop is not None else StopSignal()
     rt = start(argv, purpose="train")
     budget = sample_budget(rt.cfg)
     # train_epochs decides the length once the data is known; from here on one config says it
@@ -233,7 +266,7 @@ def train(argv: list[str] | None = None) -> int:
 
     metrics = build_metrics(rt)
     engine = build_engine(rt)
-    trainer = Trainer(rt, engine, budget, metrics)
+    trainer = Trainer(rt, engine, budget, metrics, stop)
     trainer.load()
     train_set, valid_set, test_set = build_datasets(rt.cfg, budget)
     try:
@@ -241,7 +274,7 @@ def train(argv: list[str] | None = None) -> int:
         if reason == "done" and rt.cfg.training.do_test and test_set is not None:
             trainer.evaluate(cycle_from(test_set, rt.cfg, rt.state, 0), "test")
     finally:
-        trainer.stop.restore()
+        trainer.stop.release()
         metrics.close()
     accelerator.synchronize()
     return 0

@@ -4,6 +4,8 @@ that take rank, world size and rendezvous from the SLURM_* variables (deepspeed_
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from launch_helpers import (
     START_TIMEOUT,
@@ -70,3 +72,63 @@ def test_slurm_task_killed_mid_training_ends_the_job(tmp_path, corpus, slurm):
     finally:
         job.kill()
     assert "srun: error:" in job.output() and "task 1" in job.output()
+
+
+def test_scancel_term_saves_exits_0_and_resumes_with_equal_losses(tmp_path, corpus, slurm):
+    """Slurm preemption: ``scancel --signal=TERM`` reaches every task (and its children) of the
+    job step. The ranks agree on a step, save there, the job exits 0 with one line naming the
+    checkpoint, and a resume continues with the losses of an uninterrupted run."""
+    import json
+    import re
+    import subprocess
+
+    from launch_helpers import ROOT
+
+    ckpt = tmp_path / "ckpt"
+    common = {"lr_decay_style": "constant", "warmup": 0.0, "train_iters": 100000,
+              "save": str(ckpt), "load": str(ckpt), "num_workers": 2}
+
+    def logged(run: str) -> dict[int, float]:
+        path = tmp_path / run / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+        return {r["iteration"]: r["lm_loss"] for r in rows if r.get("type") == "train"}
+
+    job = slurm_job(tmp_path, corpus, slurm, log_dir=str(tmp_path / "first"), **common)
+    try:
+        wait_for(lambda: len(logged("first")) >= 2, START_TIMEOUT, "two iterations", [job])
+        job_id = next(iter(ranks(job.mark).values())).environ()["SLURM_JOB_ID"]
+        subprocess.run([which("scancel"), "--signal=TERM", job_id], check=True,
+                       env=slurm.env(), timeout=30)
+        code = job.wait()
+    finally:
+        job.kill()
+    out = job.output()
+    assert code == 0, job.tail()
+    assert "Traceback" not in out, job.tail()
+    stop = re.search(r"^deepy\.py: the job stopped on SIGTERM at iteration (\d+); "
+                     r"checkpoint: (\S+)$", out, re.M)
+    assert stop, job.tail()
+    stopped_at = int(stop.group(1))
+    assert stop.group(2) == str(ckpt / f"global_step{stopped_at}")
+    assert stopped_at == max(logged("first"))
+    assert (ckpt / "latest").read_text() == f"global_step{stopped_at}"
+
+    resumed = slurm_job(tmp_path, corpus, slurm, log_dir=str(tmp_path / "resumed"),
+                        exit_interval=stopped_at + 2, **common)
+    try:
+        assert resumed.wait() == 0, resumed.tail()
+    finally:
+        resumed.kill()
+    # the uninterrupted reference: the same two ranks in one go, without Slurm
+    ref_cfg = write_job_config(tmp_path / "ref.yml", corpus, log_dir=str(tmp_path / "ref"),
+                               **{**common, "save": None, "load": None, "num_gpus": 2,
+                                  "exit_interval": stopped_at + 2})
+    ref = subprocess.run([sys.executable, "deepy.py", "--master_port", free_master_port(),
+                          "train.py", "configs/tiny_neox.yml", ref_cfg], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = logged("ref")
+    got = {**logged("first"), **logged("resumed")}
+    assert sorted(got) == list(range(1, stopped_at + 3)) == sorted(reference)
+    for it, loss in got.items():
+        assert loss == pytest.approx(reference[it], abs=1e-6, rel=0), it

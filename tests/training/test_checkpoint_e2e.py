@@ -1,23 +1,18 @@
-"""Checkpoints through deepy.py: exact resume, pruning, a crash mid-save, SIGTERM."""
+"""Checkpoints through deepy.py: exact resume, pruning, a crash mid-save (stopping on a signal:
+test_stop_signals.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 
 import pytest
 from e2e_helpers import (
     base_values,
     build_char_corpus,
     explain,
-    kill_group,
     losses,
     records,
     run_deepy,
-    start_deepy,
-    wait_for,
     write_config,
 )
 
@@ -112,27 +107,6 @@ def test_damaged_checkpoint_is_a_one_line_error(corpus, tmp_path, uninterrupted)
     proc = run_deepy("configs/tiny_neox.yml", cfg)
     assert proc.returncode != 0
     assert f"{victim}: damaged (100 bytes, the manifest says" in proc.stderr
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
-    run = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yml", base_values(
-        corpus, run, save=str(run / "ckpt"), **{**TRAIN, "train_iters": 100000}))
-    proc = start_deepy("configs/tiny_neox.yml", cfg, log=tmp_path / "out.txt")
-    try:
-        wait_for(lambda: len(records(run)) >= 3, 240, "three logged iterations")
-        os.kill(proc.pid, signal.SIGTERM)
-        code = proc.wait(timeout=120)
-    finally:
-        kill_group(proc)
-    out = (tmp_path / "out.txt").read_text()
-    assert code == 0, out[-3000:]
-    assert "stop requested by a signal" in out
-    latest = (run / "ckpt" / "latest").read_text()
-    stopped_at = int(latest.removeprefix("global_step"))
-    assert stopped_at == max(r["iteration"] for r in records(run)) >= 3
-    assert (run / "ckpt" / latest / "manifest.json").is_file()
-    time.sleep(0.5)
 
 
 def test_checkpoint_without_optimizer_state_resumes_with_a_fresh_optimizer(corpus, tmp_path):
