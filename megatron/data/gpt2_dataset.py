@@ -173,8 +173,56 @@ def load_or_build_indices(
             f"index cache file {missing[0]} is missing after the building rank finished; "
             "if nodes do not share this file system set use_shared_fs to false"
         )
-    arrays = {k: np.load(files[k], mmap_mode="r", allow_pickle=False) for k in _KINDS}
+    arrays = {k: _load_index(files[k]) for k in _KINDS}
+    check_indices(arrays, files, len(documents), sizes, documents)
     return arrays, files, built
+
+
+class DataError(ValueError):
+    """Bad data on disk (a damaged index cache, token ids the model cannot embed): the message
+    names the file."""
+
+
+def _load_index(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: damaged index cache ({exc}); delete it to rebuild the "
+                        "index") from None
+
+
+def check_indices(arrays: dict[str, np.ndarray], files: dict[str, Path], num_docs: int,
+                  sizes: np.ndarray, documents: np.ndarray) -> None:
+    """Loaded index caches must describe this dataset: a truncated, zeroed or foreign file
+    is one error naming it (sample_idx rows strictly increase, since every sample holds
+    seq_length tokens; every index stays in range). One vectorized pass per array."""
+    doc, sample, shuffle = arrays["doc"], arrays["sample"], arrays["shuffle"]
+
+    def bad(kind: str, what: str) -> DataError:
+        return DataError(f"{files[kind]}: damaged index cache ({what}); delete it to rebuild "
+                         "the index")
+
+    if doc.ndim != 1 or doc.dtype.kind not in "iu" or len(doc) < num_docs:
+        raise bad("doc", f"shape {doc.shape} {doc.dtype}")
+    if len(doc) and (doc.min() < documents.min() or doc.max() > documents.max()):
+        raise bad("doc", "document ids outside the dataset")
+    if sample.ndim != 2 or sample.shape[1] != 2 or sample.dtype.kind not in "iu" \
+            or len(sample) < 2:
+        raise bad("sample", f"shape {sample.shape} {sample.dtype}")
+    d, o = sample[:, 0], sample[:, 1]
+    if d.min() < 0 or d.max() >= len(doc) or o.min() < 0:
+        raise bad("sample", "positions outside the documents")
+    rising = (d[1:] > d[:-1]) | ((d[1:] == d[:-1]) & (o[1:] > o[:-1]))
+    if not rising.all():
+        first = int(np.argmin(rising)) + 1
+        raise bad("sample", f"row {first} does not advance past row {first - 1}")
+    if (o > np.asarray(sizes)[np.asarray(doc)[d]]).any():
+        raise bad("sample", "offsets beyond the end of their documents")
+    total = len(sample) - 1
+    if shuffle.ndim != 1 or shuffle.dtype.kind not in "iu" or len(shuffle) != total:
+        raise bad("shuffle", f"shape {shuffle.shape} {shuffle.dtype}, expected ({total},)")
+    if total and (shuffle.min() < 0 or shuffle.max() >= total):
+        raise bad("shuffle", "sample ids outside the index")
 
 
 class GPT2Dataset(torch.utils.data.Dataset):
@@ -217,6 +265,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
             )
         self.index_built = False
         self.index_files: dict[str, Path] = {}
+        self.vocab_size: int | None = None  # set by check_token_ids: ids must stay below it
         if build_index_mappings:
             arrays, self.index_files, self.index_built = load_or_build_indices(
                 name,
@@ -246,9 +295,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self.index_files:
-            self._set_arrays(
-                {k: np.load(self.index_files[k], mmap_mode="r", allow_pickle=False) for k in _KINDS}
-            )
+            self._set_arrays({k: _load_index(self.index_files[k]) for k in _KINDS})
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)
@@ -272,6 +319,26 @@ class GPT2Dataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {idx} out of range for {self.name} dataset ({n} samples)")
         sample = int(self.shuffle_idx[idx])
         out = {"text": self.sample_tokens(sample).astype(np.int64)}
+        if self.vocab_size is not None and len(out["text"]) \
+                and int(out["text"].max()) >= self.vocab_size:
+            d0, d1 = int(self.sample_idx[sample][0]), int(self.sample_idx[sample + 1][0])
+            docs = sorted({int(self.doc_idx[d0]), int(self.doc_idx[d1])})
+            raise DataError(
+                f"{self.data_prefix}.bin: token id {int(out['text'].max())} in document "
+                f"{'..'.join(map(str, docs))} is outside the model's vocabulary of "
+                f"{self.vocab_size} (was the data prepared with another tokenizer?)")
         if self.label_dataset is not None:
             out["label"] = self.sample_tokens(sample, self.label_dataset).astype(np.int64)
         return out
+
+
+def check_token_ids(dataset: Any, vocab_size: int) -> None:
+    """Make every GPT2Dataset under ``dataset`` (blends included) refuse samples holding token
+    ids the embedding cannot look up, with an error naming the file (checked per sample: one
+    max over seq_length tokens)."""
+    if dataset is None:
+        return
+    if isinstance(dataset, GPT2Dataset):
+        dataset.vocab_size = int(vocab_size)
+    for child in getattr(dataset, "datasets", ()):
+        check_token_ids(child, vocab_size)

@@ -110,24 +110,61 @@ def start(argv: list[str] | None = None, *, purpose: str | None = None,
                    device=accelerator.device(local_rank), tokenizer=tok)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error re-raised by a data-loader worker (whose message
+    carries the worker's traceback), the original error's own line."""
+    text = str(exc)
+    if "\n" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = type(exc).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+              "Broken pipe", "Socket closed", "remote worker crashing")
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """A collective failed because a peer rank went away (gloo or NCCL)."""
+    text = str(exc)
+    return any(marker in text for marker in _PEER_GONE)
+
+
 def run_main(main: Any) -> None:
     """Run a worker's main; configuration problems end with one line and status 2."""
     from megatron.checkpoint import CheckpointError
+    from megatron.data.gpt2_dataset import DataError
     from megatron.training.control import NonFiniteError
 
     try:
         code = main()
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, DataError) as exc:
         rank = os.environ.get("RANK", "0")
-        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        print(f"error (rank {rank}): {_one_line(exc)}", file=sys.stderr, flush=True)
         code = 2
     except NonFiniteError as exc:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         code = 3
+    except RuntimeError as exc:
+        if not _peer_failure(exc):
+            raise
+        # another rank stopped (its own error line is above): no traceback from this one
+        rank = os.environ.get("RANK", "0")
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        print(f"error (rank {rank}): stopped because another rank failed ({first})",
+              file=sys.stderr, flush=True)
+        code = 1
     except KeyboardInterrupt:  # generate/eval (train.py records SIGINT instead)
         rank = os.environ.get("RANK", "0")
         print(f"interrupted (rank {rank})", file=sys.stderr, flush=True)
         code = 130
-    shutdown_distributed(synchronize=not code)
-    sys.exit(code or 0)
+    if code:
+        # a failed rank leaves at once: tearing the process group down may wait for peers
+        # that are themselves blocked in a collective with this rank
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    shutdown_distributed(synchronize=True)
+    sys.exit(0)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from megatron.data.data_utils import build_train_valid_test_datasets, get_train_valid_test_split_
+from megatron.data.gpt2_dataset import check_token_ids
 from megatron.data.indexed_dataset import make_dataset
 from megatron.data.masks import prepare_lm_batch
 from megatron.data.samplers import build_data_loader
@@ -62,13 +63,17 @@ def sample_budget(cfg: NeoXConfig) -> SampleBudget:
 def build_datasets(cfg: NeoXConfig, budget: SampleBudget) -> tuple[Any, Any, Any]:
     assert cfg.model.seq_length is not None
     try:
-        return build_train_valid_test_datasets(
+        sets = build_train_valid_test_datasets(
             cfg.data, seq_length=cfg.model.seq_length, seed=cfg.training.seed,
             train_val_test_num_samples=[budget.train, budget.valid, budget.test],
             cache_dir=cfg.data.data_cache_dir,
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"data: {exc}") from None
+    if cfg.tokenizer.padded_vocab_size:
+        for dataset in sets:
+            check_token_ids(dataset, cfg.tokenizer.padded_vocab_size)
+    return sets
 
 
 def loader(dataset: Any, cfg: NeoXConfig, state: ParallelState, consumed: int) -> Any:

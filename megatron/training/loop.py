@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from megatron import accelerator
+from megatron.checkpoint import CheckpointError
 from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
 from megatron.runtime import Runtime, start
 from megatron.training.control import world_max
@@ -119,7 +120,10 @@ class Trainer:
         p.consumed_valid_samples = int(cs.get("consumed_valid_samples", 0))
         p.skipped_iters = int(cs.get("skipped_iters", 0))
         if "lr_scheduler" in cs:
-            self.engine.scheduler.load_state_dict(cs["lr_scheduler"])
+            try:
+                self.engine.scheduler.load_state_dict(cs["lr_scheduler"])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise CheckpointError(f"{ck.load}: iteration {loaded.iteration}: {exc}") from None
 
     def should_save(self, iteration: int) -> bool:
         ck = self.cfg.checkpoint

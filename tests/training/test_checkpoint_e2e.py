@@ -142,3 +142,19 @@ def test_checkpoints_without_latest_are_never_overwritten(corpus, tmp_path, unin
            "complete one is global_step6" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
+
+
+def test_resume_with_a_longer_schedule_is_a_one_line_error(corpus, tmp_path, uninterrupted):
+    """train_iters grew: the checkpoint's LR schedule (decay over 6 iterations) no longer
+    matches the config's; the run stops with the scheduler's advice, no traceback."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(uninterrupted / "ckpt", ckpt)
+    cfg = write_config(tmp_path / "r.yml", base_values(
+        corpus, tmp_path / "run", load=str(ckpt), **{**TRAIN, "train_iters": 12}))
+    proc = run_deepy("configs/tiny_neox.yml", cfg)
+    assert proc.returncode == 2, explain(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert f"{ckpt}: iteration 6: lr scheduler: the checkpoint has" in proc.stderr
+    assert "override_lr_scheduler" in proc.stderr
