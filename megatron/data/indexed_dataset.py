@@ -360,6 +360,41 @@ class MMapIndexedDataset:
         )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(bin_path: str) -> list[str]:
+    """Delete ``<bin_path>.<pid>.tmp`` and ``<idx_path>.<pid>.tmp`` left by a writer that was
+    killed (SIGKILL, a crash: nothing could clean up), when that process is gone. Files of a
+    live writer are left alone. Returns the removed paths (each is noted on stderr)."""
+    import glob
+    import re
+    import sys
+
+    removed = []
+    stem = bin_path[:-4] if bin_path.endswith(".bin") else bin_path
+    for pattern in (f"{glob.escape(bin_path)}.*.tmp", f"{glob.escape(stem)}.idx.*.tmp"):
+        for path in glob.glob(pattern):
+            m = re.search(r"\.(\d+)\.tmp$", path)
+            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            try:
+                os.remove(path)
+            except OSError:
+                continue
+            removed.append(path)
+            print(f"removed {path}, left by an interrupted run (process {m.group(1)} is gone)",
+                  file=sys.stderr)
+    return removed
+
+
 class MMapIndexedDatasetBuilder:
     """Streams sequences into ``bin_path`` and writes the matching ``.idx`` on ``finalize``.
 
@@ -375,6 +410,7 @@ class MMapIndexedDatasetBuilder:
         self._code = dtype_code(self._dtype)
         self._tmp_path = f"{self._bin_path}.{os.getpid()}.tmp"
         self._pid = os.getpid()
+        remove_stale_temporaries(self._bin_path)
         self._file = open(self._tmp_path, "wb", buffering=_WRITE_BUFFER)
         self._sizes = array("i")
         self._doc_idx = array("q", [0])

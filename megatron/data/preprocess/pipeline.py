@@ -75,8 +75,9 @@ ENGINES = ("auto", "library", "processes")  # see megatron.data.preprocess.encod
 MAX_BAD_LISTED = 10
 
 
-class Interrupted(Exception):
-    """Raised in the main process when a termination signal arrives during preprocessing."""
+class Interrupted(BaseException):
+    """Raised in the main process when a termination signal arrives during preprocessing (a
+    BaseException, like KeyboardInterrupt: no per-record `except Exception` may swallow it)."""
 
     def __init__(self, signame: str):
         super().__init__(signame)

@@ -27,9 +27,10 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 JSONL = "jsonl"
 TXT = "txt"
@@ -86,19 +87,52 @@ def input_kind(path: str) -> str:
     )
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of one or more concatenated zstandard frames; a file that ends
+    inside a frame raises EOFError (zstandard's stream reader would just stop there)."""
+
+    def __init__(self, path: str) -> None:
+        import zstandard
+
+        self._zstd = zstandard
+        self._raw = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._started = False
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._started and not self._obj.eof:
+                    raise EOFError("compressed file ended in the middle of a zstandard frame")
+                return 0
+            while chunk:
+                if self._obj.eof:  # the next frame begins
+                    self._obj = self._zstd.ZstdDecompressor().decompressobj()
+                self._started = True
+                self._pending += self._obj.decompress(chunk)
+                chunk = self._obj.unused_data if self._obj.eof else b""
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def open_binary(path: str) -> BinaryIO:
     """Open ``path`` for reading bytes, decompressing gzip / zstandard on the fly."""
     name = path.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if name.endswith((".zst", ".zstd")):
-        import zstandard
-
-        raw = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            raw, read_across_frames=True, closefd=True
-        )
-        return io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
     return open(path, "rb", buffering=1 << 20)
 
 
@@ -176,15 +210,31 @@ def _previous_line(f: BinaryIO, start: int) -> bytes:
         window *= 4
 
 
+def _damaged(path: str, lineno: int, exc: BaseException) -> InputError:
+    """A compressed input that cannot be read to its end (truncated, a flipped byte)."""
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"input file {path} does not exist")
+    what = "truncated or damaged" if path.lower().endswith(_COMPRESSED) else "unreadable"
+    return InputError(f"input file {path}: {what} after line {lineno} ({exc})")
+
+
 def _iter_lines(
     path: str, start: int = 0, end: int | None = None
 ) -> Iterator[tuple[int, bytes, bool]]:
     """``(line_number, line, starts_in_range)`` from the first line starting at or after
     ``start``; after ``end`` it keeps going (flag False) so a caller can finish a record."""
     if start == 0 and end is None:
-        with open_binary(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                yield lineno, line, True
+        lineno = 0
+        try:
+            with open_binary(path) as f:
+                for lineno, line in enumerate(f, start=1):
+                    yield lineno, line, True
+        except (EOFError, OSError, zlib.error) as exc:
+            raise _damaged(path, lineno, exc) from None
+        except Exception as exc:  # zstandard.ZstdError
+            if type(exc).__name__ != "ZstdError":
+                raise
+            raise _damaged(path, lineno, exc) from None
         return
     with open(path, "rb", buffering=1 << 20) as f:
         pos = 0
