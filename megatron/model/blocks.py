@@ -38,6 +38,24 @@ from megatron.parallel.state import ParallelState
 
 
 # ----------------------------------------------------------------------------- build
+def mixer_layer_class(kind: str) -> type[nn.Module] | None:
+    """The block of a layer type without attention (``mamba``, ``rwkv``, ``gmlp``, ``amlp``);
+    None for the attention types (a :class:`TransformerLayer`)."""
+    if kind == "mamba":
+        from megatron.model.mamba import MambaLayer
+
+        return MambaLayer
+    if kind == "rwkv":
+        from megatron.model.rwkv import RWKVLayer
+
+        return RWKVLayer
+    if kind in ("gmlp", "amlp"):
+        from megatron.model.gmlp import GMLPLayer
+
+        return GMLPLayer
+    return None
+
+
 def rotary_embedding(model: ModelArgs) -> RotaryEmbedding | None:
     """The shared rotary tables of a ``pos_emb: rotary`` model (None otherwise)."""
     if model.pos_emb != "rotary":
@@ -93,6 +111,13 @@ def block_specs(
                 "num_heads": model.num_attention_heads, "state": state, "init_method": init,
             })  # fmt: skip
         if entry.kind == "layer":
+            layer_cls = mixer_layer_class(kinds[entry.layer])
+            if layer_cls is not None:
+                return BlockSpec(entry, layer_cls, {
+                    "model": model, "layer_number": entry.layer + 1,
+                    "attention_type": kinds[entry.layer], "init_method": init,
+                    "output_init_method": output_init, **common,
+                })  # fmt: skip
             return BlockSpec(entry, TransformerLayer, {
                 "model": model, "layer_number": entry.layer + 1,
                 "attention_type": kinds[entry.layer], "init_method": init,

@@ -139,6 +139,48 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
                 f"{', '.join(ATTENTION_TYPES)}"))
     if "local" in kinds and m.sliding_window_width is None:
         raise loc.error("sliding_window_width", message="required by 'local' attention layers")
+    _mixer_layers(cfg, loc, set(kinds))
+
+
+def _mixer_layers(cfg: NeoXConfig, loc: Locator, kinds: set[str]) -> None:
+    """The layer types without attention: Mamba, RWKV, gMLP/aMLP."""
+    m, mp = cfg.model, cfg.parallelism.model_parallel_size
+    assert m.hidden_size is not None and m.num_attention_heads is not None
+    no_tp = sorted(kinds & {"rwkv", "gmlp", "amlp"})
+    if no_tp and mp > 1:
+        raise loc.error("attention_config", "model_parallel_size", message=(
+            f"{', '.join(no_tp)} layers do not support tensor parallelism (as in GPT-NeoX); "
+            f"use model_parallel_size 1, got {mp}"))
+    if "mamba" in kinds:
+        if m.mamba_inner_func_fusion and m.mamba_use_bias_in_linears:
+            raise loc.error("mamba_inner_func_fusion", "mamba_use_bias_in_linears", message=(
+                "the fused Mamba inner function has no biases in its projections; turn one of "
+                "the two off"))
+        inner = int((m.expansion_factor or 2) * m.hidden_size)
+        if inner % mp:
+            raise loc.error("expansion_factor", "model_parallel_size", message=(
+                f"the Mamba inner width {inner} is not divisible by model_parallel_size {mp}"))
+    if "rwkv" in kinds:
+        dim_att = m.dim_att or m.hidden_size
+        for name, value in (("hidden_size", m.hidden_size), ("dim_att", dim_att)):
+            if value % 32:
+                raise loc.error(name, message=(
+                    f"RWKV layers need a multiple of 32, got {value}"))
+        if dim_att % m.num_attention_heads:
+            raise loc.error("dim_att", "num_attention_heads", message=(
+                f"dim_att {dim_att} is not divisible by num_attention_heads "
+                f"{m.num_attention_heads}"))
+        if m.head_size is not None and m.head_size * m.num_attention_heads != dim_att:
+            raise loc.error("head_size", message=(
+                f"head_size {m.head_size} x num_attention_heads {m.num_attention_heads} must "
+                f"equal dim_att {dim_att}"))
+        if m.intermediate_size is not None and m.expansion_factor is not None:
+            raise loc.error("intermediate_size", "expansion_factor", message=(
+                "RWKV layers take either intermediate_size or expansion_factor, not both"))
+        ffn = m.ffn_dim or m.intermediate_size or int((m.expansion_factor or 3.5) * m.hidden_size)
+        if ffn < 32:
+            raise loc.error("ffn_dim", message=(
+                f"the RWKV channel-mix width {ffn} rounds down to 0 (multiple of 32)"))
 
 
 def _parallel(cfg: NeoXConfig, loc: Locator) -> None:

@@ -1,0 +1,176 @@
+"""Pure PyTorch recurrences of the state-space layers, each in two forms that give the same
+numbers: a step-by-step reference and a chunked form (exact: no approximation, only a
+different order of the same sums) that does the work of a chunk in a few tensor operations.
+
+* :func:`selective_scan_ref` / :func:`selective_scan_chunked` -- Mamba's selective scan (S6)::
+
+      dt_t = softplus(dt_t + dt_bias)
+      h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t          h: [batch, channels, state]
+      y_t  = <C_t, h_t> + D * x_t,   then   y_t * silu(z_t)
+
+* :func:`causal_conv` -- the depthwise causal convolution in front of the scan, continuing
+  from the last ``kernel - 1`` inputs of an earlier call.
+
+* :func:`wkv6_ref` / :func:`wkv6_chunked` -- RWKV-6's time-mix recurrence per head
+  (``S`` a ``[head_size, head_size]`` matrix, ``w_t = exp(-exp(decay_t))`` per key channel)::
+
+      y_t = r_t (diag(u) k_t^T v_t + S_{t-1});   S_t = diag(w_t) S_{t-1} + k_t^T v_t
+
+All of them compute in fp32 and accept an initial state, and return the final state, so
+generation continues where the prompt stopped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------ conv
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    past: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution: ``x [b, d, l]``, ``weight [d, 1, k]``.
+
+    ``past [b, d, k - 1]`` holds the inputs before ``x`` (zeros when None). Returns the output
+    ``[b, d, l]`` and the last ``k - 1`` inputs (the state for the next call)."""
+    k = weight.shape[-1]
+    if past is None:
+        past = x.new_zeros(x.shape[0], x.shape[1], k - 1)
+    full = torch.cat([past.to(x.dtype), x], dim=-1)
+    out = F.conv1d(full, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                   groups=x.shape[1])
+    return out, full[..., full.shape[-1] - (k - 1):]
+
+
+# ---------------------------------------------------------------- selective scan
+def _scan_inputs(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, dt_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dt after bias and softplus, log decay dt * A)``, fp32, ``[b, d, l]`` / ``[b, d, l, n]``."""
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()[None, :, None]
+    dt = F.softplus(dt)
+    return dt, dt[..., None] * A.float()[None, :, None, :]
+
+
+def _scan_output(
+    y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+) -> torch.Tensor:
+    if D is not None:
+        y = y + x.float() * D.float()[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
+def selective_scan_ref(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None, state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan one step at a time. ``x, dt, z [b, d, l]``, ``A [d, n]``, ``B, C [b, n, l]``,
+    ``D [d]``, ``state [b, d, n]``. Returns ``(y [b, d, l] fp32, final state [b, d, n])``."""
+    b, d, length = x.shape
+    dt, log_decay = _scan_inputs(x, dt, A, dt_bias)
+    h = x.new_zeros(b, d, A.shape[1], dtype=torch.float32) if state is None else state.float()
+    drive = dt[..., None] * x.float()[..., None] * B.float().transpose(1, 2)[:, None]
+    ys = []
+    for t in range(length):
+        h = torch.exp(log_decay[:, :, t]) * h + drive[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t].float()))
+    y = torch.stack(ys, dim=-1) if ys else x.new_zeros(b, d, 0, dtype=torch.float32)
+    return _scan_output(y, x, D, z), h
+
+
+def selective_scan_chunked(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None, state: torch.Tensor | None = None, chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scan, ``chunk`` steps at a time: inside a chunk every output is the sum of the
+    decayed contributions of the chunk's earlier inputs and the decayed state it started from,
+    with decays ``exp(sum of log decays)`` over non-positive sums only (nothing overflows)."""
+    b, d, length = x.shape
+    dt, log_decay = _scan_inputs(x, dt, A, dt_bias)
+    h = x.new_zeros(b, d, A.shape[1], dtype=torch.float32) if state is None else state.float()
+    Bt, Ct = B.float().transpose(1, 2), C.float().transpose(1, 2)  # [b, l, n]
+    drive = dt * x.float()  # [b, d, l]
+    ys = []
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        cum = log_decay[:, :, start:end].cumsum(dim=2)  # [b, d, c, n]
+        c = end - start
+        # pair (t, s), s <= t: decay from after step s to step t = cum_t - cum_s (<= 0)
+        diff = cum[:, :, :, None] - cum[:, :, None]  # [b, d, t, s, n]
+        causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
+        weights = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+        # y_t = sum_s sum_n C_t[n] w[t,s,n] B_s[n] drive_s + sum_n C_t[n] exp(cum_t[n]) h0[n]
+        cb = weights * (Ct[:, None, start:end, None] * Bt[:, None, None, start:end])
+        y = torch.einsum("bdtsn,bds->bdt", cb, drive[:, :, start:end])
+        y = y + torch.einsum("bdtn,bdn,btn->bdt", torch.exp(cum), h, Ct[:, start:end])
+        ys.append(y)
+        last = cum[:, :, -1:]  # decay from each step to the chunk's end
+        tail = torch.exp(last - cum)  # [b, d, c, n]
+        h = torch.exp(last[:, :, 0]) * h + torch.einsum(
+            "bdsn,bds,bsn->bdn", tail, drive[:, :, start:end], Bt[:, start:end])
+    y = torch.cat(ys, dim=-1) if ys else x.new_zeros(b, d, 0, dtype=torch.float32)
+    return _scan_output(y, x, D, z), h
+
+
+# ------------------------------------------------------------------------ WKV-6
+def wkv6_ref(
+    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-6 step by step. ``r, k, v, w [b, h, l, n]`` (``w`` the log log-decay: the step's
+    decay is ``exp(-exp(w))``), ``u [h, n]``, ``state [b, h, n, n]`` (key x value). Returns
+    ``(y [b, h, l, n] fp32, final state)``."""
+    b, heads, length, n = r.shape
+    r, k, v = r.float(), k.float(), v.float()
+    decay = torch.exp(-torch.exp(w.float()))
+    s = r.new_zeros(b, heads, n, n) if state is None else state.float()
+    uf = u.float()[None, :, :, None]
+    ys = []
+    for t in range(length):
+        kv = k[:, :, t, :, None] * v[:, :, t, None, :]
+        ys.append(torch.einsum("bhi,bhij->bhj", r[:, :, t], uf * kv + s))
+        s = decay[:, :, t, :, None] * s + kv
+    y = torch.stack(ys, dim=2) if ys else r.new_zeros(b, heads, 0, n)
+    return y, s
+
+
+def wkv6_chunked(
+    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    state: torch.Tensor | None = None, chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`wkv6_ref` ``chunk`` steps at a time (exact; every decay factor is
+    ``exp`` of a non-positive sum)."""
+    b, heads, length, n = r.shape
+    r, k, v = r.float(), k.float(), v.float()
+    log_decay = -torch.exp(w.float())  # [b, h, l, n], <= 0
+    s = r.new_zeros(b, heads, n, n) if state is None else state.float()
+    uf = u.float()
+    ys = []
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        c = end - start
+        rc, kc, vc = r[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
+        cum = log_decay[:, :, start:end].cumsum(dim=2)  # through step t, inclusive
+        before = cum - log_decay[:, :, start:end]  # through step t - 1
+        # earlier step s < t reaches t decayed by exp(before_t - cum_s)
+        diff = before[:, :, :, None] - cum[:, :, None]  # [b, h, t, s, n]
+        strict = torch.ones(c, c, dtype=torch.bool, device=r.device).tril(-1)
+        weights = torch.exp(diff.masked_fill(~strict[None, None, :, :, None], float("-inf")))
+        scores = torch.einsum("bhti,bhtsi,bhsi->bhts", rc, weights, kc)
+        y = torch.einsum("bhts,bhsj->bhtj", scores, vc)
+        y = y + (rc * uf[None, :, None] * kc).sum(-1, keepdim=True) * vc  # the bonus term
+        y = y + torch.einsum("bhti,bhij->bhtj", rc * torch.exp(before), s)
+        ys.append(y)
+        tail = torch.exp(cum[:, :, -1:] - cum)  # from after step s to the chunk's end
+        s = torch.exp(cum[:, :, -1])[..., None] * s + torch.einsum(
+            "bhsi,bhsj->bhij", kc * tail, vc)
+    y = torch.cat(ys, dim=2) if ys else r.new_zeros(b, heads, 0, n)
+    return y, s
