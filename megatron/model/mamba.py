@@ -50,6 +50,7 @@ from megatron.parallel.layers import (
     set_tensor_parallel_attributes,
     split_tensor,
 )
+from megatron.parallel.mappings import copy_to_tp_region
 from megatron.parallel.state import ParallelState
 
 D_STATE = 16
@@ -117,6 +118,7 @@ class MambaMixer(nn.Module):
             raise ValueError(f"Mamba inner width {self.d_inner} is not divisible by tensor "
                              f"parallel {tp}")
         self.local = self.d_inner // tp
+        self.tp_group = state.tp_group
         bias = model.mamba_use_bias_in_linears
         self.use_kernels = False
         if _fusion_requested(model):
@@ -185,7 +187,8 @@ class MambaMixer(nn.Module):
 
     def _project(self, u: torch.Tensor, seq: int) -> tuple[torch.Tensor, ...]:
         """``dt [b, local, s]`` (before its bias), ``B, C [b, 16, s]``."""
-        dbl = self.x_proj(u.transpose(1, 2))  # [b, s, rank + 2n]
+        # every rank's channels use all of dt_low, B and C: their gradients are summed
+        dbl = copy_to_tp_region(self.x_proj(u.transpose(1, 2)), self.tp_group)  # [b, s, r + 2n]
         dt_low, B, C = torch.split(dbl, [self.dt_rank, D_STATE, D_STATE], dim=-1)
         dt = F.linear(dt_low, self.dt_proj.weight)  # the bias goes into the scan
         return dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
