@@ -44,6 +44,16 @@ def causal_conv(
     return out, full[..., full.shape[-1] - (k - 1):]
 
 
+def _segment_sums(log_decay: torch.Tensor) -> torch.Tensor:
+    """``seg[..., t, s, :] = sum of log_decay[..., r, :] for s < r <= t`` (0 where s >= t)
+    from ``log_decay [..., c, n]``: every entry a direct sum of its own terms, so no
+    difference of two long running sums loses digits."""
+    c = log_decay.shape[-2]
+    later = torch.ones(c, c, dtype=torch.bool, device=log_decay.device).tril(-1)  # r > s
+    terms = log_decay.unsqueeze(-2) * later[..., None].to(log_decay.dtype)  # [..., r, s, n]
+    return terms.cumsum(dim=-3)
+
+
 # ---------------------------------------------------------------- selective scan
 def _scan_inputs(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, dt_bias: torch.Tensor | None,
@@ -103,18 +113,17 @@ def selective_scan_chunked(
         end = min(start + chunk, length)
         cum = log_decay[:, :, start:end].cumsum(dim=2)  # [b, d, c, n]
         c = end - start
-        # pair (t, s), s <= t: decay from after step s to step t = cum_t - cum_s (<= 0)
-        diff = cum[:, :, :, None] - cum[:, :, None]  # [b, d, t, s, n]
+        # pair (t, s), s <= t: decay from after step s through step t (<= 0)
+        seg = _segment_sums(log_decay[:, :, start:end])  # [b, d, t, s, n]
         causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
-        weights = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+        weights = torch.exp(seg.masked_fill(~causal[None, None, :, :, None], float("-inf")))
         # y_t = sum_s sum_n C_t[n] w[t,s,n] B_s[n] drive_s + sum_n C_t[n] exp(cum_t[n]) h0[n]
         cb = weights * (Ct[:, None, start:end, None] * Bt[:, None, None, start:end])
         y = torch.einsum("bdtsn,bds->bdt", cb, drive[:, :, start:end])
         y = y + torch.einsum("bdtn,bdn,btn->bdt", torch.exp(cum), h, Ct[:, start:end])
         ys.append(y)
-        last = cum[:, :, -1:]  # decay from each step to the chunk's end
-        tail = torch.exp(last - cum)  # [b, d, c, n]
-        h = torch.exp(last[:, :, 0]) * h + torch.einsum(
+        tail = torch.exp(seg[:, :, -1])  # from after each step to the chunk's end [b, d, c, n]
+        h = torch.exp(cum[:, :, -1]) * h + torch.einsum(
             "bdsn,bds,bsn->bdn", tail, drive[:, :, start:end], Bt[:, start:end])
     y = torch.cat(ys, dim=-1) if ys else x.new_zeros(b, d, 0, dtype=torch.float32)
     return _scan_output(y, x, D, z), h
@@ -158,10 +167,12 @@ def wkv6_chunked(
         end = min(start + chunk, length)
         c = end - start
         rc, kc, vc = r[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
-        cum = log_decay[:, :, start:end].cumsum(dim=2)  # through step t, inclusive
-        before = cum - log_decay[:, :, start:end]  # through step t - 1
-        # earlier step s < t reaches t decayed by exp(before_t - cum_s)
-        diff = before[:, :, :, None] - cum[:, :, None]  # [b, h, t, s, n]
+        chunk_decay = log_decay[:, :, start:end]
+        cum = chunk_decay.cumsum(dim=2)  # through step t, inclusive
+        before = torch.cat([torch.zeros_like(cum[:, :, :1]), cum[:, :, :-1]], dim=2)  # t - 1
+        # earlier step s < t reaches t decayed by the steps s < r < t: seg[t - 1, s]
+        seg = _segment_sums(chunk_decay)  # [b, h, t, s, n]
+        diff = torch.cat([torch.zeros_like(seg[:, :, :1]), seg[:, :, :-1]], dim=2)
         strict = torch.ones(c, c, dtype=torch.bool, device=r.device).tril(-1)
         weights = torch.exp(diff.masked_fill(~strict[None, None, :, :, None], float("-inf")))
         scores = torch.einsum("bhti,bhtsi,bhsi->bhts", rc, weights, kc)
@@ -169,7 +180,7 @@ def wkv6_chunked(
         y = y + (rc * uf[None, :, None] * kc).sum(-1, keepdim=True) * vc  # the bonus term
         y = y + torch.einsum("bhti,bhij->bhtj", rc * torch.exp(before), s)
         ys.append(y)
-        tail = torch.exp(cum[:, :, -1:] - cum)  # from after step s to the chunk's end
+        tail = torch.exp(seg[:, :, -1])  # from after step s to the chunk's end
         s = torch.exp(cum[:, :, -1])[..., None] * s + torch.einsum(
             "bhsi,bhsj->bhij", kc * tail, vc)
     y = torch.cat(ys, dim=2) if ys else r.new_zeros(b, heads, 0, n)
