@@ -56,7 +56,7 @@ from megatron.parallel.state import ParallelState
 D_STATE = 16
 D_CONV = 4
 DT_MIN, DT_MAX, DT_FLOOR = 0.001, 0.1, 1e-4
-SCAN_CHUNK = 16
+SCAN_CHUNK = 64
 
 
 def mamba_inner_width(model: ModelArgs) -> int:

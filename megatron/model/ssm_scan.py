@@ -2,7 +2,8 @@
 numbers: a step-by-step reference and a chunked form (exact: no approximation, only a
 different order of the same sums) that does the work of a chunk in a few tensor operations.
 
-* :func:`selective_scan_ref` / :func:`selective_scan_chunked` -- Mamba's selective scan (S6)::
+* :func:`selective_scan_ref` / :func:`selective_scan_chunked` -- Mamba's selective scan (S6),
+  the chunked form a log-depth parallel scan inside each chunk::
 
       dt_t = softplus(dt_t + dt_bias)
       h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t          h: [batch, channels, state]
@@ -11,7 +12,8 @@ different order of the same sums) that does the work of a chunk in a few tensor 
 * :func:`causal_conv` -- the depthwise causal convolution in front of the scan, continuing
   from the last ``kernel - 1`` inputs of an earlier call.
 
-* :func:`wkv6_ref` / :func:`wkv6_chunked` -- RWKV-6's time-mix recurrence per head
+* :func:`wkv6_ref` / :func:`wkv6_chunked` -- RWKV-6's time-mix recurrence per head (the
+  chunked form sums a chunk's pairs of steps with decays from direct segment sums)
   (``S`` a ``[head_size, head_size]`` matrix, ``w_t = exp(-exp(decay_t))`` per key channel)::
 
       y_t = r_t (diag(u) k_t^T v_t + S_{t-1});   S_t = diag(w_t) S_{t-1} + k_t^T v_t
@@ -95,36 +97,47 @@ def selective_scan_ref(
     return _scan_output(y, x, D, z), h
 
 
+def _linear_scan(decay: torch.Tensor, drive: torch.Tensor, dim: int) -> torch.Tensor:
+    """All states of ``h_t = decay_t * h_{t-1} + drive_t`` (``h_{-1} = 0``) along ``dim``, in
+    ``ceil(log2(length))`` element-wise steps (Hillis-Steele): after the step with offset
+    ``k`` every position holds the recurrence over its last ``2k`` inputs."""
+    length = decay.shape[dim]
+    offset = 1
+    while offset < length:
+        prev_drive = drive.narrow(dim, 0, length - offset)
+        prev_decay = decay.narrow(dim, 0, length - offset)
+        head_drive, tail_drive = drive.split([offset, length - offset], dim)
+        head_decay, tail_decay = decay.split([offset, length - offset], dim)
+        drive = torch.cat([head_drive, tail_drive + tail_decay * prev_drive], dim)
+        decay = torch.cat([head_decay, tail_decay * prev_decay], dim)
+        offset *= 2
+    return drive
+
+
 def selective_scan_chunked(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None = None, z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None, state: torch.Tensor | None = None, chunk: int = 16,
+    dt_bias: torch.Tensor | None = None, state: torch.Tensor | None = None, chunk: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same scan, ``chunk`` steps at a time: inside a chunk every output is the sum of the
-    decayed contributions of the chunk's earlier inputs and the decayed state it started from,
-    with decays ``exp(sum of log decays)`` over non-positive sums only (nothing overflows)."""
+    """The same scan, ``chunk`` steps at a time: inside a chunk all states come from a
+    log-depth parallel scan (the same products and sums in another order; decays are
+    ``exp`` of non-positive numbers, so nothing overflows); the last state starts the next
+    chunk."""
     b, d, length = x.shape
     dt, log_decay = _scan_inputs(x, dt, A, dt_bias)
     h = x.new_zeros(b, d, A.shape[1], dtype=torch.float32) if state is None else state.float()
     Bt, Ct = B.float().transpose(1, 2), C.float().transpose(1, 2)  # [b, l, n]
-    drive = dt * x.float()  # [b, d, l]
+    drive = (dt * x.float())[..., None] * Bt[:, None]  # [b, d, l, n]
+    decay = torch.exp(log_decay)
     ys = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        cum = log_decay[:, :, start:end].cumsum(dim=2)  # [b, d, c, n]
-        c = end - start
-        # pair (t, s), s <= t: decay from after step s through step t (<= 0)
-        seg = _segment_sums(log_decay[:, :, start:end])  # [b, d, t, s, n]
-        causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
-        weights = torch.exp(seg.masked_fill(~causal[None, None, :, :, None], float("-inf")))
-        # y_t = sum_s sum_n C_t[n] w[t,s,n] B_s[n] drive_s + sum_n C_t[n] exp(cum_t[n]) h0[n]
-        cb = weights * (Ct[:, None, start:end, None] * Bt[:, None, None, start:end])
-        y = torch.einsum("bdtsn,bds->bdt", cb, drive[:, :, start:end])
-        y = y + torch.einsum("bdtn,bdn,btn->bdt", torch.exp(cum), h, Ct[:, start:end])
-        ys.append(y)
-        tail = torch.exp(seg[:, :, -1])  # from after each step to the chunk's end [b, d, c, n]
-        h = torch.exp(cum[:, :, -1]) * h + torch.einsum(
-            "bdsn,bds,bsn->bdn", tail, drive[:, :, start:end], Bt[:, start:end])
+        part_decay, part_drive = decay[:, :, start:end], drive[:, :, start:end]
+        first = part_decay[:, :, :1] * h[:, :, None] + part_drive[:, :, :1]
+        part_drive = torch.cat([first, part_drive[:, :, 1:]], dim=2)
+        states = _linear_scan(part_decay, part_drive, dim=2)  # [b, d, c, n]
+        ys.append(torch.einsum("bdtn,btn->bdt", states, Ct[:, start:end]))
+        h = states[:, :, -1]
     y = torch.cat(ys, dim=-1) if ys else x.new_zeros(b, d, 0, dtype=torch.float32)
     return _scan_output(y, x, D, z), h
 
