@@ -7,6 +7,7 @@ run, which may plan a launch for another machine.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -327,6 +328,12 @@ def check_machine(cfg: NeoXConfig, loc: Locator, facts: RunFacts) -> list[str]:
                          "code generator fails on some 16-bit kernels of these models (the "
                          "shared bias gradients of gpt_j_residual in bf16); compile in bf16 on "
                          "GPUs"))
+    te_on = [f.name for f in dataclasses.fields(cfg.precision) if f.name.startswith("te_")
+             and getattr(cfg.precision, f.name) != f.default]
+    if te_on and not facts.gpu and facts.purpose == "train":
+        problems.append(((te_on[0],), "Transformer Engine modules need GPU ranks (with the "
+                         "transformer_engine package), and the ranks of this launch are CPU "
+                         "ranks; unset the te_* keys"))
     if cfg.optim.optimizer_type == "OneBitAdam" and not facts.gpu:
         problems.append((("optimizer",), "OneBitAdam needs GPUs (DeepSpeed's 1-bit "
                          "communication); use Adam or AdamW on CPU ranks"))

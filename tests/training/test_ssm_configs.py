@@ -104,3 +104,18 @@ def test_the_other_scaled_down_examples_learn(corpus, family: str) -> None:
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, (family, losses)
+
+
+@pytest.mark.parametrize("name, value", [("te_mha", True), ("te_layernorm_mlp", True),
+                                         ("te_fp8_margin", 1)])
+def test_te_keys_without_transformer_engine_stop_in_one_line(name: str, value: Any) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("transformer_engine is installed: the keys are accepted on GPU ranks")
+    with pytest.raises(ConfigError) as err:
+        _resolve([MAMBA], train_micro_batch_size_per_gpu=1, **{name: value})
+    message = str(err.value)
+    assert "\n" not in message and f"{name}: " in message
+    assert "need" in message and "transformer_engine package" in message
+    assert "GPU ranks" in message
