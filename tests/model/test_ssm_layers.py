@@ -4,6 +4,7 @@ tensor (and sequence) parallelism against one rank, the pipeline form, and the c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +33,18 @@ from tests.distributed import run_distributed
 from tests.model.gpt_model_helpers import VOCAB, batch, build, make_config
 
 TIGHT = {"rtol": 1e-4, "atol": 2e-6}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: the models are tiny, and on a shared machine spinning OpenMP
+    workers only slow them down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 LAYER_MIXES = {
     "mamba": [[["mamba"], 2]],
     "rwkv": [[["rwkv"], 2]],

@@ -6,6 +6,7 @@ gMLP examples alone for 20 steps in process."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,18 @@ MAMBA, RWKV, GMLP = (str(FIXTURES / n) for n in ("mamba-130M.yml", "rwkv-430M.ym
 SMALL = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64,
          "max_position_embeddings": 64, "train_micro_batch_size_per_gpu": 4}
 ADAM = {"type": "Adam", "params": {"lr": 0.003, "betas": [0.9, 0.95], "eps": 1.0e-8}}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: the models are tiny, and on a shared machine spinning OpenMP
+    workers only slow them down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _resolve(files: list[str], **values: Any) -> Any:
@@ -61,6 +74,7 @@ def test_a_mixed_scaled_down_model_trains_through_deepy(corpus, tmp_path) -> Non
     small = write_config(tmp_path / "small.yml", base_values(
         corpus, run, **{**SMALL, "num_layers": 3}, train_iters=20, optimizer=ADAM,
         attention_config=[[["mamba", "rwkv", "gmlp"], 3]], pos_emb="none",
+        num_cpu_threads_per_rank=1,
     ))  # fmt: skip
     proc = run_deepy(MAMBA, small)
     assert proc.returncode == 0, explain(proc)
