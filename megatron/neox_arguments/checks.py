@@ -328,6 +328,9 @@ def check_machine(cfg: NeoXConfig, loc: Locator, facts: RunFacts) -> list[str]:
                          "code generator fails on some 16-bit kernels of these models (the "
                          "shared bias gradients of gpt_j_residual in bf16); compile in bf16 on "
                          "GPUs"))
+    if cfg.other.distributed_backend == "nccl" and not facts.gpu:
+        problems.append((("distributed_backend",), "nccl needs GPUs, and the ranks of this "
+                         "launch are CPU ranks; use gloo (or leave it unset)"))
     te_on = [f.name for f in dataclasses.fields(cfg.precision) if f.name.startswith("te_")
              and getattr(cfg.precision, f.name) != f.default]
     if te_on and not facts.gpu and facts.purpose == "train":

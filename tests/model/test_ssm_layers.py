@@ -228,3 +228,16 @@ def test_config_refusals(overrides: dict[str, Any], message: str) -> None:
     world = overrides.get("model_parallel_size", 1)
     with pytest.raises(ConfigError, match=message):
         make_config(world_size=world, **overrides)
+
+
+def test_default_type_partition_balances_layers_without_attention() -> None:
+    from megatron.model.pipeline import partition_pipeline_layers
+
+    cfg = _cfg("mamba", num_layers=4, attention_config=[[["mamba", "rwkv"], 4]])
+    specs = pipeline_layer_specs(cfg.model, padded_vocab_size=cfg.tokenizer.padded_vocab_size,
+                                 state=ParallelState.single(), tracker=None)
+    parts = partition_pipeline_layers(specs, cfg.parallelism.pipe_partition_method, 2)
+    kinds = [spec.typename.__name__ for spec in specs]
+    first, second = kinds[parts[0]:parts[1]], kinds[parts[1]:parts[2]]
+    assert first.count("MambaLayer") + first.count("RWKVLayer") == 2, (parts, kinds)
+    assert second.count("MambaLayer") + second.count("RWKVLayer") == 2, (parts, kinds)

@@ -135,3 +135,11 @@ def test_te_keys_without_transformer_engine_stop_in_one_line(name: str, value: A
     assert "\n" not in message and f"{name}: " in message
     assert "need" in message and "transformer_engine package" in message
     assert "GPU ranks" in message
+
+
+def test_nccl_from_a_gpt_neox_config_stops_a_cpu_launch_in_one_line() -> None:
+    merged = load_config_files([RWKV])
+    with pytest.raises(ConfigError) as err:
+        resolve_config(merged, RunFacts(world_size=1, gpu=False, launching=True, purpose=None))
+    assert str(err.value) == (f"{RWKV}: distributed_backend: nccl needs GPUs, and the ranks of "
+                              "this launch are CPU ranks; use gloo (or leave it unset)")
