@@ -8,6 +8,7 @@ package can load it without torch or DeepSpeed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -218,3 +219,33 @@ def mlp_width(model: ModelArgs, activation: str) -> int:
         multiple = max(1, model.mlp_multiple_of)
         return multiple * ((width + multiple - 1) // multiple)
     return 4 * model.hidden_size
+
+
+# widths of the layers without attention (docs/ssm.md)
+def mamba_inner_width(model: ModelArgs) -> int:
+    assert model.hidden_size is not None
+    return int((model.expansion_factor or 2) * model.hidden_size)
+
+
+def mamba_dt_rank(model: ModelArgs) -> int:
+    assert model.hidden_size is not None
+    return math.ceil(model.hidden_size / 16)
+
+
+def rwkv_dims(model: ModelArgs) -> tuple[int, int, int]:
+    """``(dim_att, head_size, ffn_dim)`` of an RWKV layer."""
+    assert model.hidden_size is not None and model.num_attention_heads is not None
+    dim_att = model.dim_att or model.hidden_size
+    head_size = model.head_size or dim_att // model.num_attention_heads
+    if model.ffn_dim:
+        ffn = model.ffn_dim
+    elif model.intermediate_size:
+        ffn = model.intermediate_size
+    else:
+        ffn = int((model.expansion_factor or 3.5) * model.hidden_size)
+    return dim_att, head_size, ffn // 32 * 32
+
+
+def gmlp_width(model: ModelArgs) -> int:
+    assert model.hidden_size is not None
+    return int((model.expansion_factor or 4) * model.hidden_size)

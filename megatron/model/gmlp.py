@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.activations import activation_function
-from megatron.model.args import ModelArgs
+from megatron.model.args import ModelArgs, gmlp_width
 from megatron.model.init_methods import InitFn
 from megatron.model.layout import Activations
 from megatron.model.mamba import layer_state
@@ -39,11 +39,6 @@ from megatron.parallel.layers import (
     set_tensor_parallel_attributes,
 )
 from megatron.parallel.state import ParallelState
-
-
-def gmlp_width(model: ModelArgs) -> int:
-    assert model.hidden_size is not None
-    return int((model.expansion_factor or 4) * model.hidden_size)
 
 
 class TinyAttention(nn.Module):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.args import ModelArgs
+from megatron.model.args import ModelArgs, mamba_dt_rank, mamba_inner_width
 from megatron.model.init_methods import InitFn
 from megatron.model.layout import Activations
 from megatron.model.norms import build_norm
@@ -57,16 +57,6 @@ D_STATE = 16
 D_CONV = 4
 DT_MIN, DT_MAX, DT_FLOOR = 0.001, 0.1, 1e-4
 SCAN_CHUNK = 64
-
-
-def mamba_inner_width(model: ModelArgs) -> int:
-    assert model.hidden_size is not None
-    return int((model.expansion_factor or 2) * model.hidden_size)
-
-
-def mamba_dt_rank(model: ModelArgs) -> int:
-    assert model.hidden_size is not None
-    return math.ceil(model.hidden_size / 16)
 
 
 @functools.cache

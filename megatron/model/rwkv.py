@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.args import ModelArgs
+from megatron.model.args import ModelArgs, rwkv_dims
 from megatron.model.layout import Activations
 from megatron.model.mamba import layer_state
 from megatron.model.ssm_scan import wkv6_chunked
@@ -38,20 +38,6 @@ from megatron.parallel.layers import set_tensor_parallel_attributes
 MIX_LORA = 32
 DECAY_LORA = 64
 WKV_CHUNK = 16
-
-
-def rwkv_dims(model: ModelArgs) -> tuple[int, int, int]:
-    """``(dim_att, head_size, ffn_dim)`` of an RWKV layer."""
-    assert model.hidden_size is not None and model.num_attention_heads is not None
-    dim_att = model.dim_att or model.hidden_size
-    head_size = model.head_size or dim_att // model.num_attention_heads
-    if model.ffn_dim:
-        ffn = model.ffn_dim
-    elif model.intermediate_size:
-        ffn = model.intermediate_size
-    else:
-        ffn = int((model.expansion_factor or 3.5) * model.hidden_size)
-    return dim_att, head_size, ffn // 32 * 32
 
 
 def _shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:

@@ -241,3 +241,24 @@ def test_default_type_partition_balances_layers_without_attention() -> None:
     first, second = kinds[parts[0]:parts[1]], kinds[parts[1]:parts[2]]
     assert first.count("MambaLayer") + first.count("RWKVLayer") == 2, (parts, kinds)
     assert second.count("MambaLayer") + second.count("RWKVLayer") == 2, (parts, kinds)
+
+
+@pytest.mark.parametrize("mix, overrides", [
+    ("mamba", {"norm": "rmsnorm", "mamba_use_bias_in_linears": True, "expansion_factor": 3}),
+    ("mamba+global", {"mamba_use_bias_in_conv": False}),
+    ("rwkv", {"dim_att": 64, "ffn_dim": 96}),
+    ("rwkv+amlp", {"num_layers": 4, "num_unique_layers": 2, "param_sharing_style": "spaced",
+                   "attention_config": [[["rwkv", "amlp"], 4]]}),
+    ("gmlp", {"expansion_factor": 2}),
+])  # fmt: skip
+def test_parameter_count_and_flops_follow_the_layer_types(mix: str, overrides: dict) -> None:
+    from megatron.model_size import flops_per_token, parameter_count
+
+    cfg = _cfg(mix, **overrides)
+    vocab = cfg.tokenizer.padded_vocab_size
+    with torch.device("meta"):
+        model = build(cfg)
+    assert parameter_count(cfg.model, vocab) == sum(p.numel() for p in model.parameters())
+    attention = _cfg(mix, **{**overrides, "attention_config": None})
+    assert flops_per_token(cfg.model, vocab) != flops_per_token(attention.model, vocab)
+    assert flops_per_token(cfg.model, vocab, recompute=True) > flops_per_token(cfg.model, vocab)
