@@ -5,14 +5,25 @@ count the same way. The FLOPs count multiply-adds as 2 FLOPs and follow the usua
 transformer accounting: every weight matrix costs 2 FLOPs per token per parameter forward and
 4 backward; attention scores and the weighted sum cost 2 x 2 x seq x (heads x head_dim) per
 token and layer forward (the full square, as Megatron-LM reports it); recomputed activations
-add one more forward pass.
+add one more forward pass. Layers without attention (Mamba, RWKV, gMLP/aMLP) count their own
+products (and scans) instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron.model.args import GATED_ACTIVATIONS, ModelArgs, mlp_width
+from megatron.model.args import (
+    GATED_ACTIVATIONS,
+    MIXER_TYPES,
+    ModelArgs,
+    attention_layer_types,
+    gmlp_width,
+    mamba_dt_rank,
+    mamba_inner_width,
+    mlp_width,
+    rwkv_dims,
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,71 @@ def _norm_params(model: ModelArgs, dim: int) -> int:
     return dim
 
 
+def _mixer_matmul_params(model: ModelArgs, kind: str) -> int:
+    """Weight-matrix parameters of one layer without attention (the products of its forward,
+    2 FLOPs each per token)."""
+    assert model.hidden_size is not None
+    h = model.hidden_size
+    if kind == "mamba":
+        d, r = mamba_inner_width(model), mamba_dt_rank(model)
+        return h * 2 * d + d * (r + 2 * 16) + r * d + d * h
+    if kind == "rwkv":
+        att, _, ffn = rwkv_dims(model)
+        return 5 * h * att + h * 160 + 160 * h + h * 64 + 64 * att + h * ffn + h * h + ffn * h
+    ff = gmlp_width(model)
+    params = h * 2 * ff + ff * h
+    if kind == "amlp":
+        params += 2 * ff * 3 * model.gmlp_attn_dim + model.gmlp_attn_dim * ff
+    return params
+
+
+def _mixer_params(model: ModelArgs, kind: str) -> int:
+    """All parameters of one layer without attention."""
+    assert model.hidden_size is not None and model.seq_length is not None
+    h = model.hidden_size
+    total = _mixer_matmul_params(model, kind)
+    if kind == "mamba":
+        d = mamba_inner_width(model)
+        total += _norm_params(model, h) + d * 4 + d + d * 16 + d  # conv, dt bias, A_log, D
+        total += d if model.mamba_use_bias_in_conv else 0
+        if model.mamba_use_bias_in_linears:
+            total += 2 * d + mamba_dt_rank(model) + 2 * 16 + h
+        return total
+    if kind == "rwkv":
+        att, head, _ = rwkv_dims(model)
+        # ln1, ln2 (LayerNorm with bias), 8 mix vectors, decay and bonus, the group norm
+        return total + 4 * h + 8 * h + att + att + 2 * att
+    ff = gmlp_width(model)
+    seq = model.seq_length
+    total += _norm_params(model, h) + 2 * ff + _norm_params(model, ff) + seq * seq + seq + h
+    if kind == "amlp":
+        total += 3 * model.gmlp_attn_dim + ff
+    return total
+
+
+def _mixer_forward_flops(model: ModelArgs, kind: str) -> float:
+    """Forward FLOPs per token of one layer without attention: its products, and the scan
+    (Mamba: ``h = a * h + b`` and ``C . h``, 4 FLOPs per channel and state), the WKV state
+    update and read (4 per channel and head dimension), the causal spatial gate (2 per feature
+    and position)."""
+    assert model.seq_length is not None
+    flops = 2.0 * _mixer_matmul_params(model, kind)
+    if kind == "mamba":
+        return flops + 4.0 * mamba_inner_width(model) * 16 + 2.0 * 4 * mamba_inner_width(model)
+    if kind == "rwkv":
+        att, head, _ = rwkv_dims(model)
+        return flops + 4.0 * att * head
+    flops += 2.0 * model.seq_length * gmlp_width(model)
+    if kind == "amlp":
+        flops += 4.0 * model.seq_length * model.gmlp_attn_dim
+    return flops
+
+
+def _layer_kinds(model: ModelArgs) -> list[str]:
+    assert model.num_layers is not None
+    return attention_layer_types(model.attention_config, model.num_layers)
+
+
 def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     """Trainable parameters of the model as built (shared layers counted once)."""
     s = ModelShape.from_config(model, padded_vocab)
@@ -77,7 +153,17 @@ def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     norms_per_layer = 1 if (model.gpt_j_residual and model.gpt_j_tied) else 2
     per_layer += norms_per_layer * norm
     unique_layers = model.num_unique_layers or s.layers
-    total = unique_layers * per_layer + norm  # + final norm
+    kinds = _layer_kinds(model)
+    if set(kinds) & set(MIXER_TYPES):
+        # layer u of the unique layers is built for the first depth that uses it
+        plan = [(i % unique_layers) if model.param_sharing_style == "spaced"
+                else i // (s.layers // unique_layers) for i in range(s.layers)]
+        types = [kinds[plan.index(u)] for u in range(unique_layers)]
+        layer_total = sum(_mixer_params(model, k) if k in MIXER_TYPES else per_layer
+                          for k in types)
+    else:
+        layer_total = unique_layers * per_layer
+    total = layer_total + norm  # + final norm
     total += s.vocab * s.hidden  # input embedding
     if model.no_weight_tying:
         total += s.vocab * s.hidden
@@ -110,8 +196,10 @@ def flops_per_token(model: ModelArgs, padded_vocab: int, *, recompute: bool = Fa
     """
     s = ModelShape.from_config(model, padded_vocab)
     layer_forward = 2.0 * s.layer_matmul_params() + 4.0 * s.seq * s.heads * s.head_dim
-    forward = s.layers * layer_forward + 2.0 * s.hidden * s.vocab
+    layers_forward = sum(_mixer_forward_flops(model, k) if k in MIXER_TYPES else layer_forward
+                         for k in _layer_kinds(model))
+    forward = layers_forward + 2.0 * s.hidden * s.vocab
     total = 3.0 * forward
     if recompute:
-        total += s.layers * layer_forward
+        total += layers_forward
     return total

@@ -1,7 +1,8 @@
 """What maps to what between this framework's GPT model and Hugging Face causal LMs.
 
-Architectures: ``neox`` (``GPTNeoXForCausalLM``), ``llama`` (``LlamaForCausalLM``) and
-``mistral`` (``MistralForCausalLM``: Llama with every layer a sliding-window layer).
+Architectures: ``neox`` (``GPTNeoXForCausalLM``), ``llama`` (``LlamaForCausalLM``),
+``mistral`` (``MistralForCausalLM``: Llama with every layer a sliding-window layer) and
+``mamba`` (``MambaForCausalLM``, in :mod:`megatron.conversion.hf_mamba`).
 
 * :func:`export_architecture` checks that a config can be expressed by the HF class (one-line
   :class:`ConversionError` naming the key otherwise); :func:`hf_config` builds its config;
@@ -25,14 +26,15 @@ from typing import Any
 
 import torch
 
+from megatron.conversion import hf_mamba
 from megatron.model.args import ModelArgs, attention_layer_types, mlp_width
 
 StateDict = dict[str, torch.Tensor]
 
-ARCHITECTURES = ("neox", "llama", "mistral")
+ARCHITECTURES = ("neox", "llama", "mistral", "mamba")
 HF_CLASSES = {"neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
-              "mistral": "MistralForCausalLM"}
-MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", "mistral": "mistral"}
+              "mistral": "MistralForCausalLM", "mamba": "MambaForCausalLM"}
+MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", "mistral": "mistral", "mamba": "mamba"}
 
 # this framework's activation -> HF hidden_act
 PLAIN_ACTS = {"gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "mish": "mish"}
@@ -63,6 +65,9 @@ def export_architecture(model: ModelArgs, architecture: str) -> str:
                               f"{', '.join(ARCHITECTURES)}")
     name = HF_CLASSES[architecture]
     assert model.num_layers is not None and model.num_attention_heads is not None
+    if architecture == "mamba":
+        hf_mamba.check_export(model, _require)
+        return architecture
     _require(model.pos_emb == "rotary", "pos_emb",
              f"{model.pos_emb} position encoding cannot be expressed by {name} (rotary only)")
     _require(not model.apply_residual_connection_post_layernorm,
@@ -113,6 +118,8 @@ def hf_config(model: ModelArgs, architecture: str, *, vocab_size: int,
     :func:`export_architecture`)."""
     from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig
 
+    if architecture == "mamba":
+        return hf_mamba.hf_config(model, vocab_size=vocab_size, special=special, dtype=dtype)
     assert model.hidden_size and model.num_attention_heads and model.num_layers
     heads = model.num_attention_heads
     common: dict[str, Any] = {
@@ -182,6 +189,8 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], model: ModelArgs,
                      architecture: str) -> StateDict:
     """HF weights of a full ``GPTModel`` state dict (shared layers already expanded)."""
     assert model.num_layers is not None and model.hidden_size is not None
+    if architecture == "mamba":
+        return hf_mamba.to_hf_state_dict(sd, model)
     h = model.hidden_size
     out: StateDict = {}
     neox = architecture == "neox"
@@ -267,6 +276,8 @@ def _rope(hf: Any) -> tuple[int, float]:
 def neox_values_from_hf(hf: Any) -> tuple[str, dict[str, Any]]:
     """``(architecture, model keys)`` of this framework for HF config ``hf``."""
     arch = hf_architecture(hf)
+    if arch == "mamba":
+        return arch, hf_mamba.neox_values_from_hf(hf, ConversionError)
     theta, pct = _rope(hf)
     hidden, heads = hf.hidden_size, hf.num_attention_heads
     values: dict[str, Any] = {
@@ -327,6 +338,8 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], model: ModelArgs,
     """Full ``GPTModel`` state dict of HF weights ``hf_sd`` (for the model of
     :func:`neox_values_from_hf`)."""
     assert model.num_layers is not None
+    if architecture == "mamba":
+        return hf_mamba.from_hf_state_dict(hf_sd, model, _get)
     neox = architecture == "neox"
     base = "gpt_neox." if neox else "model."
     out: StateDict = {}

@@ -8,6 +8,7 @@ package can load it without torch or DeepSpeed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,11 +30,15 @@ GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "bilinear", "glu")
 
 #: The attention types an ``attention_config`` entry may name: ``global`` (causal attention over
 #: every earlier token), ``flash`` (the same through the fused kernel), ``local`` (causal
-#: attention over the last ``sliding_window_width`` tokens).
-ATTENTION_TYPES = ("global", "flash", "local")
+#: attention over the last ``sliding_window_width`` tokens), and the layers that replace a
+#: transformer layer as a whole (:data:`MIXER_TYPES`).
+ATTENTION_TYPES = ("global", "flash", "local", "mamba", "rwkv", "gmlp", "amlp")
+#: Layer types without attention: a Mamba block, an RWKV-6 block, a gMLP block and an aMLP block
+#: (gMLP with a one-head tiny attention in its gate).
+MIXER_TYPES = ("mamba", "rwkv", "gmlp", "amlp")
 #: GPT-NeoX's sparse attention types: recognised, refused (they need DeepSpeed's GPU kernels).
 SPARSE_ATTENTION_TYPES = (
-    "sparse_fixed", "sparse_variable", "bigbird", "bslongformer", "gmlp", "amlp",
+    "sparse_fixed", "sparse_variable", "bigbird", "bslongformer",
 )  # fmt: skip
 
 
@@ -148,6 +153,34 @@ class ModelArgs:
                                           unsupported="soft prompt tuning is not supported")
     mlp_type: Literal["regular", "llama"] = key(
         "regular", "Legacy switch: 'llama' means a SwiGLU MLP without biases.")
+    # --- layers without attention (attention_config types mamba, rwkv, gmlp, amlp); docs/ssm.md
+    mamba_selective_scan_fusion: bool = key(
+        False, "Mamba layers: run the selective scan with mamba_ssm's fused kernel (GPU with "
+        "the package; otherwise the pure PyTorch scan is used, with a notice).")
+    mamba_causal_conv_fusion: bool = key(
+        False, "Mamba layers: run the causal convolution with causal_conv1d's kernel (GPU with "
+        "the package; otherwise the pure PyTorch convolution, with a notice).")
+    mamba_inner_func_fusion: bool = key(
+        False, "Mamba layers: run everything after the input projection with mamba_ssm's fused "
+        "inner function (supersedes the scan and conv fusions; GPU with the package only).")
+    mamba_selective_fp32_params: bool = key(
+        True, "Mamba layers: keep A_log and D in fp32 (the scan itself always runs in fp32).")
+    mamba_use_bias_in_conv: bool = key(True, "Mamba layers: bias in the causal convolution.")
+    mamba_use_bias_in_linears: bool = key(
+        False, "Mamba layers: biases in the in/x/out projections (not with "
+        "mamba_inner_func_fusion).")
+    expansion_factor: float | None = key(
+        None, "Width multiple of the layers without attention: Mamba's inner width "
+        "(default 2), RWKV's channel-mix width (default 3.5; intermediate_size wins), gMLP/aMLP's "
+        "feed-forward width (default 4).")
+    dim_att: int | None = key(None, "RWKV layers: width of the time-mix (default hidden_size).")
+    head_size: int | None = key(
+        None, "RWKV layers: size of one time-mix head; must equal dim_att / "
+        "num_attention_heads (derived when unset).")
+    ffn_dim: int | None = key(
+        None, "RWKV layers: channel-mix width (derived: intermediate_size, else expansion_factor "
+        "x hidden_size, rounded down to a multiple of 32).")
+    gmlp_attn_dim: int = key(64, "aMLP layers: width of the one-head tiny attention.")
 
 
 def attention_layer_types(attention_config: Any, num_layers: int) -> list[str]:
@@ -186,3 +219,33 @@ def mlp_width(model: ModelArgs, activation: str) -> int:
         multiple = max(1, model.mlp_multiple_of)
         return multiple * ((width + multiple - 1) // multiple)
     return 4 * model.hidden_size
+
+
+# widths of the layers without attention (docs/ssm.md)
+def mamba_inner_width(model: ModelArgs) -> int:
+    assert model.hidden_size is not None
+    return int((model.expansion_factor or 2) * model.hidden_size)
+
+
+def mamba_dt_rank(model: ModelArgs) -> int:
+    assert model.hidden_size is not None
+    return math.ceil(model.hidden_size / 16)
+
+
+def rwkv_dims(model: ModelArgs) -> tuple[int, int, int]:
+    """``(dim_att, head_size, ffn_dim)`` of an RWKV layer."""
+    assert model.hidden_size is not None and model.num_attention_heads is not None
+    dim_att = model.dim_att or model.hidden_size
+    head_size = model.head_size or dim_att // model.num_attention_heads
+    if model.ffn_dim:
+        ffn = model.ffn_dim
+    elif model.intermediate_size:
+        ffn = model.intermediate_size
+    else:
+        ffn = int((model.expansion_factor or 3.5) * model.hidden_size)
+    return dim_att, head_size, ffn // 32 * 32
+
+
+def gmlp_width(model: ModelArgs) -> int:
+    assert model.hidden_size is not None
+    return int((model.expansion_factor or 4) * model.hidden_size)

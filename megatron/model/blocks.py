@@ -28,16 +28,31 @@ from torch import nn
 
 from megatron.model.args import ModelArgs, attention_layer_types
 from megatron.model.embedding import Embedding, OutputLayer, tied_output
+from megatron.model.gmlp import GMLPLayer
 from megatron.model.init_methods import model_init_methods
 from megatron.model.layout import Activations, PipeEntry, Step, pipeline_layout
+from megatron.model.mamba import MambaLayer
 from megatron.model.norms import norm_spec
 from megatron.model.positional import RelativePositionBias, RotaryEmbedding
+from megatron.model.rwkv import RWKVLayer
 from megatron.model.transformer import TransformerLayer
 from megatron.parallel.random import RNGStatesTracker, checkpoint
 from megatron.parallel.state import ParallelState
 
-
 # ----------------------------------------------------------------------------- build
+#: The blocks of the layer types without attention, by ``attention_config`` type.
+MIXER_LAYERS: dict[str, type[nn.Module]] = {
+    "mamba": MambaLayer, "rwkv": RWKVLayer, "gmlp": GMLPLayer, "amlp": GMLPLayer,
+}
+MIXER_LAYER_CLASSES = (MambaLayer, RWKVLayer, GMLPLayer)
+
+
+def mixer_layer_class(kind: str) -> type[nn.Module] | None:
+    """The block of a layer type without attention (``mamba``, ``rwkv``, ``gmlp``, ``amlp``);
+    None for the attention types (a :class:`TransformerLayer`)."""
+    return MIXER_LAYERS.get(kind)
+
+
 def rotary_embedding(model: ModelArgs) -> RotaryEmbedding | None:
     """The shared rotary tables of a ``pos_emb: rotary`` model (None otherwise)."""
     if model.pos_emb != "rotary":
@@ -93,6 +108,13 @@ def block_specs(
                 "num_heads": model.num_attention_heads, "state": state, "init_method": init,
             })  # fmt: skip
         if entry.kind == "layer":
+            layer_cls = mixer_layer_class(kinds[entry.layer])
+            if layer_cls is not None:
+                return BlockSpec(entry, layer_cls, {
+                    "model": model, "layer_number": entry.layer + 1,
+                    "attention_type": kinds[entry.layer], "init_method": init,
+                    "output_init_method": output_init, **common,
+                })  # fmt: skip
             return BlockSpec(entry, TransformerLayer, {
                 "model": model, "layer_number": entry.layer + 1,
                 "attention_type": kinds[entry.layer], "init_method": init,

@@ -94,7 +94,10 @@ def plain_causal_to_none(attention_mask: torch.Tensor | None, seq_len: int) -> t
 # -------------------------------------------------------------------------- kv cache
 @dataclass
 class KVCache:
-    """Keys and values of every layer: ``[b, local kv heads, max_length, head_dim]`` each.
+    """Keys and values of every layer: ``[b, local kv heads, max_length, head_dim]`` each
+    (empty heads for layers without attention), and one recurrent-state dict per layer
+    (``states``: the convolution and scan state of Mamba layers, the RWKV state, the past
+    inputs of gMLP layers; empty for attention layers).
 
     ``length`` tokens are cached; the model appends the new ones and advances it after every
     forward with the cache. Reuse for a new batch with :meth:`reset`.
@@ -104,15 +107,19 @@ class KVCache:
     values: list[torch.Tensor]
     length: int = 0
     max_length: int = field(init=False)
+    states: list[dict[str, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.max_length = self.keys[0].shape[2] if self.keys else 0
+        self.states = [{} for _ in self.keys]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
 
     def reset(self) -> None:
         self.length = 0
+        for slot in self.states:
+            slot.clear()
 
 
 # ----------------------------------------------------------------------------- model
@@ -198,13 +205,18 @@ class GPTModel(nn.Module):
         """Empty cache for ``batch_size`` sequences of up to ``max_length`` tokens
         (default ``max_position_embeddings``), in the parameters' dtype and device."""
         param = self.embed.word_embeddings.weight
-        attn = self.layers[0].attention
-        shape = (batch_size, attn.local_kv_heads,
-                 max_length or self.model_args.max_position_embeddings, attn.head_dim)
         kwargs = {"dtype": dtype or param.dtype, "device": device or param.device}
+        length = max_length or self.model_args.max_position_embeddings
+
+        def buffer(depth: int) -> torch.Tensor:
+            attn = getattr(self.layers[self.plan[depth]], "attention", None)
+            if attn is None:  # a layer without attention keeps its state in ``states``
+                return torch.zeros((batch_size, 0, length, 0), **kwargs)
+            return torch.zeros((batch_size, attn.local_kv_heads, length, attn.head_dim),
+                               **kwargs)
+
         depth = len(self.plan)
-        return KVCache([torch.zeros(shape, **kwargs) for _ in range(depth)],
-                       [torch.zeros(shape, **kwargs) for _ in range(depth)])
+        return KVCache([buffer(i) for i in range(depth)], [buffer(i) for i in range(depth)])
 
     def steps(self) -> list[tuple[PipeEntry, Step]]:
         """The blocks in layout order, each as the step it runs (a shared layer once per

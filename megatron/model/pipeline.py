@@ -46,11 +46,18 @@ from torch import nn
 
 from megatron.model.args import ModelArgs
 from megatron.model.attention import AttentionInputs
-from megatron.model.blocks import BlockSpec, block_specs, block_step, run_blocks
+from megatron.model.blocks import (
+    MIXER_LAYER_CLASSES,
+    BlockSpec,
+    block_specs,
+    block_step,
+    run_blocks,
+)
 from megatron.model.embedding import tied_output
 from megatron.model.gpt import check_model_args, lm_loss, plain_causal_to_none
 from megatron.model.layout import Activations, PipeEntry, Step, pipeline_layout, preserved_rng
 from megatron.model.positional import RelativePositionBias
+from megatron.model.transformer import TransformerLayer
 from megatron.parallel.layers import register_sequence_parallel_grad_hooks
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
@@ -223,7 +230,11 @@ def partition_pipeline_layers(specs: list[LayerSpec], method: str, num_stages: i
         ]
     elif method.startswith("type:"):
         pattern = re.compile(method.split(":")[1], re.IGNORECASE)
-        weights = [1 if pattern.search(spec.typename.__name__) else 0 for spec in specs]
+        # a layer without attention (Mamba, RWKV, gMLP) takes a transformer layer's place:
+        # it also counts as one (GPT-NeoX's default "type:transformer|mlp" balances layers)
+        weights = [1 if pattern.search(spec.typename.__name__) or (
+            spec.typename in MIXER_LAYER_CLASSES and pattern.search(TransformerLayer.__name__))
+            else 0 for spec in specs]
         if not any(weights):
             raise ValueError(f"partition method {method!r} matches no layer")
     else:

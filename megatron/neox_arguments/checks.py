@@ -7,6 +7,7 @@ run, which may plan a launch for another machine.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,6 +140,48 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
                 f"{', '.join(ATTENTION_TYPES)}"))
     if "local" in kinds and m.sliding_window_width is None:
         raise loc.error("sliding_window_width", message="required by 'local' attention layers")
+    _mixer_layers(cfg, loc, set(kinds))
+
+
+def _mixer_layers(cfg: NeoXConfig, loc: Locator, kinds: set[str]) -> None:
+    """The layer types without attention: Mamba, RWKV, gMLP/aMLP."""
+    m, mp = cfg.model, cfg.parallelism.model_parallel_size
+    assert m.hidden_size is not None and m.num_attention_heads is not None
+    no_tp = sorted(kinds & {"rwkv", "gmlp", "amlp"})
+    if no_tp and mp > 1:
+        raise loc.error("attention_config", "model_parallel_size", message=(
+            f"{', '.join(no_tp)} layers do not support tensor parallelism (as in GPT-NeoX); "
+            f"use model_parallel_size 1, got {mp}"))
+    if "mamba" in kinds:
+        if m.mamba_inner_func_fusion and m.mamba_use_bias_in_linears:
+            raise loc.error("mamba_inner_func_fusion", "mamba_use_bias_in_linears", message=(
+                "the fused Mamba inner function has no biases in its projections; turn one of "
+                "the two off"))
+        inner = int((m.expansion_factor or 2) * m.hidden_size)
+        if inner % mp:
+            raise loc.error("expansion_factor", "model_parallel_size", message=(
+                f"the Mamba inner width {inner} is not divisible by model_parallel_size {mp}"))
+    if "rwkv" in kinds:
+        dim_att = m.dim_att or m.hidden_size
+        for name, value in (("hidden_size", m.hidden_size), ("dim_att", dim_att)):
+            if value % 32:
+                raise loc.error(name, message=(
+                    f"RWKV layers need a multiple of 32, got {value}"))
+        if dim_att % m.num_attention_heads:
+            raise loc.error("dim_att", "num_attention_heads", message=(
+                f"dim_att {dim_att} is not divisible by num_attention_heads "
+                f"{m.num_attention_heads}"))
+        if m.head_size is not None and m.head_size * m.num_attention_heads != dim_att:
+            raise loc.error("head_size", message=(
+                f"head_size {m.head_size} x num_attention_heads {m.num_attention_heads} must "
+                f"equal dim_att {dim_att}"))
+        if m.intermediate_size is not None and m.expansion_factor is not None:
+            raise loc.error("intermediate_size", "expansion_factor", message=(
+                "RWKV layers take either intermediate_size or expansion_factor, not both"))
+        ffn = m.ffn_dim or m.intermediate_size or int((m.expansion_factor or 3.5) * m.hidden_size)
+        if ffn < 32:
+            raise loc.error("ffn_dim", message=(
+                f"the RWKV channel-mix width {ffn} rounds down to 0 (multiple of 32)"))
 
 
 def _parallel(cfg: NeoXConfig, loc: Locator) -> None:
@@ -285,6 +328,15 @@ def check_machine(cfg: NeoXConfig, loc: Locator, facts: RunFacts) -> list[str]:
                          "code generator fails on some 16-bit kernels of these models (the "
                          "shared bias gradients of gpt_j_residual in bf16); compile in bf16 on "
                          "GPUs"))
+    if cfg.other.distributed_backend == "nccl" and not facts.gpu:
+        problems.append((("distributed_backend",), "nccl needs GPUs, and the ranks of this "
+                         "launch are CPU ranks; use gloo (or leave it unset)"))
+    te_on = [f.name for f in dataclasses.fields(cfg.precision) if f.name.startswith("te_")
+             and getattr(cfg.precision, f.name) != f.default]
+    if te_on and not facts.gpu and facts.purpose == "train":
+        problems.append(((te_on[0],), "Transformer Engine modules need GPU ranks (with the "
+                         "transformer_engine package), and the ranks of this launch are CPU "
+                         "ranks; unset the te_* keys"))
     if cfg.optim.optimizer_type == "OneBitAdam" and not facts.gpu:
         problems.append((("optimizer",), "OneBitAdam needs GPUs (DeepSpeed's 1-bit "
                          "communication); use Adam or AdamW on CPU ranks"))

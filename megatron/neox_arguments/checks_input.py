@@ -71,6 +71,11 @@ def _optimizer(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(_non_finite(v) for v in values):
             raise loc.error("optimizer", message=f"params.{name}: must be finite, got {value}")
+    for name in ("lr", "eps", "weight_decay"):
+        value = kwargs.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise loc.error("optimizer", message=f"params.{name} must be a number, got "
+                            f"{value!r}")
     where = "lr" if "lr" in loc.merged.sources else "optimizer"
     if kwargs.get("lr", 0.0) < 0:
         raise loc.error(where, message=f"the learning rate must not be negative, got "

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
 from megatron.neox_arguments.fields import key
 
-_NO_TE = ("Transformer Engine layers are not provided; FP8 linear layers come from torchao: "
-          "set fp8_training: true (see docs/gpu.md)")
-_NO_TE_FP8 = ("Transformer Engine FP8 (delayed scaling) is not provided and is not mapped onto "
-              "torchao's dynamic scaling; set fp8_training: true and fp8_recipe (see docs/gpu.md)")
+# The te_* keys act only where the transformer_engine package is importable (and the ranks
+# are GPU ranks, checked before launch); elsewhere a non-default value is refused in one line.
+_TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
+_NO_TE = None if _TE_IMPORTABLE else (
+    "Transformer Engine layers are not provided here: they need the transformer_engine package "
+    "(not installed) and GPU ranks; FP8 linear layers without it come from torchao: set "
+    "fp8_training: true (see docs/gpu.md)")
+_NO_TE_FP8 = None if _TE_IMPORTABLE else (
+    "Transformer Engine FP8 (delayed scaling) is not provided and is not mapped onto torchao's "
+    "dynamic scaling: it needs the transformer_engine package (not installed) and GPU ranks; "
+    "set fp8_training: true and fp8_recipe (see docs/gpu.md)")
 
 OPTIMIZER_TYPES = (
     "Adam", "AdamW", "SGD", "Lion", "SM3", "CPU_Adam", "CPU_torch_adam", "OneBitAdam",

@@ -31,6 +31,7 @@ from megatron.training.optimizers import (
     param_groups,
     uses_deepspeed_optimizer,
 )
+from megatron.training.te_layers import apply_transformer_engine
 
 
 def _single_replica_reduction_is_identity(engine: Any, cfg: NeoXConfig, zero_stage: int,
@@ -75,6 +76,7 @@ def build_engine(rt: Runtime) -> Engine:
                         padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
                         tracker=rt.tracker, loss_fn=loss_hook, init_seed=cfg.training.seed)
     model.to(rt.device)
+    apply_transformer_engine(model, cfg)  # te_* keys (no-op when unset)
     apply_compile_and_fp8(model, cfg)  # torch_compile / fp8_training (no-op when unset)
     zero_stage = int((cfg.ds.zero_optimization or {}).get("stage", 0))
     try:
