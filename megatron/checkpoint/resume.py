@@ -7,6 +7,7 @@ Layout of ``<save>/``::
     global_step100/                one checkpoint (DeepSpeed's model/optimizer files, plus:)
         rng/rank_00000.pt          per-rank RNG states (python, numpy, torch, device, tracker)
         configs/merged.yml         the merged configuration of the run (and the original files)
+        layout.json, layout/       the parallel layout and model shape (see relayout.py)
         manifest.json              written last: every file with its size
 
 ``latest`` advances only after every rank finished writing and ``manifest.json`` is complete,
@@ -290,6 +291,12 @@ def _load_same_layout(engine: Any, load_dir: Path, tag: str, load_optimizer: boo
             load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=False, load_module_only=module_only,
         )
+    except FileNotFoundError as exc:  # files of another layout, saved before layouts were recorded
+        raise CheckpointError(
+            f"{tag_dir}: has no {Path(str(exc.filename or '')).name or 'file'} for this parallel "
+            "layout; it was written at another tensor/pipeline/data-parallel size or ZeRO stage "
+            "before checkpoints recorded their layout: resume it at the layout that wrote "
+            "it") from None
     except Exception as exc:  # torch.load / DeepSpeed errors on damaged files
         detail = parse_state_dict_error(tag_dir, str(exc))
         if detail is not None:

@@ -13,8 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import base_values, build_char_corpus, explain, losses, records, run_deepy, \
-    write_config
+from e2e_helpers import (
+    base_values,
+    build_char_corpus,
+    explain,
+    losses,
+    records,
+    run_deepy,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +93,18 @@ def test_resume_at_another_layout_continues_with_equal_losses(corpus, tmp_path, 
         assert got[it] == pytest.approx(want[it], rel=1e-5, abs=0), (it, got[it], want[it])
     consumed = [r["consumed_samples"] for r in records(run)]
     assert consumed == [8 * i for i in range(SAVE_AT + 1, STEPS + 1)]
+
+
+def test_a_changed_model_shape_stops_with_one_line_and_status_2(corpus, tmp_path, references):
+    src_run, _ = references("dp2")
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "heads.yml", base_values(
+        corpus, run, load=str(src_run / "ckpt"),
+        **{**MODEL, **LAYOUTS["dp2"], "num_attention_heads": 2}))
+    proc = run_deepy("configs/tiny_neox.yml", cfg)
+    assert proc.returncode == 2, explain(proc)
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, explain(proc)
+    errors = [line for line in output.splitlines() if "num_attention_heads is 4 in the "
+              "checkpoint but 2 in the config" in line]
+    assert errors and str(src_run / "ckpt" / f"global_step{STEPS}") in errors[0], explain(proc)
