@@ -417,6 +417,53 @@ def _scalar(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
+def _prime_zero12_states(zero_opt: Any, keys: list[str], scalars: Mapping[str, Any]) -> None:
+    """ZeRO 1/2 create the optimizer state of their flat fp32 partitions at the first step:
+    create it now (zeros, the saved step) and point every parameter's fragment at its part,
+    so that ``safe_set_full_optimizer_state`` can fill it."""
+    base = zero_opt.optimizer
+    for flat, params in zip(zero_opt.single_partition_of_fp32_groups, zero_opt.bit16_groups,
+                            strict=True):
+        state = base.state[flat]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(flat)
+        for key, value in scalars.items():
+            state[key] = _scalar(value)
+        for lp in params:
+            mapping = getattr(lp, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            if mapping.optim_fragment is None:
+                mapping.optim_fragment = {}
+            address = mapping.get_hp_fragment_address()
+            for key in keys:
+                mapping.optim_fragment[key] = state[key].narrow(0, address.start, address.numel)
+
+
+def _prime_zero3_states(zero_opt: Any, keys: list[str], scalars: Mapping[str, Any]) -> None:
+    """ZeRO 3 also creates the state of its fp32 partitions at the first step: create it."""
+    for flat in zero_opt.fp32_partitioned_groups_flat:
+        state = zero_opt.optimizer.state[flat]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(flat)
+        for key, value in scalars.items():
+            state[key] = _scalar(value)
+
+
+def _set_zero3_part(zero_opt: Any, param: Any, local: torch.Tensor, key: str | None) -> None:
+    """This rank's part of ``local`` into ZeRO 3's fp32 master (``key`` None) or state."""
+    part, _ = zero_opt._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                     optim_state_key=key)
+    rank = zero_opt._get_param_partition_rank(param)
+    flat = local.flatten().float()
+    size = part.numel()
+    padded = torch.zeros(max(flat.numel(), (rank + 1) * size), dtype=flat.dtype)
+    padded[: flat.numel()] = flat
+    part.data.copy_(padded[rank * size:(rank + 1) * size])
+
+
 def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path, *,
                      with_optim: bool) -> None:
     """Give every parameter of ``engine`` (built at ``run``'s layout) its part of ``full``."""
@@ -424,6 +471,10 @@ def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path
 
     rules = split_rules(run.model) if run.layout.tp > 1 else {}
     zero = run.layout.zero_stage
+    if with_optim and zero in (1, 2) and full.moments:
+        _prime_zero12_states(engine.optimizer, list(full.moments), full.scalars)
+    if with_optim and zero == 3 and full.moments:
+        _prime_zero3_states(engine.optimizer, list(full.moments), full.scalars)
     seen: set[str] = set()
     for ds_name, param in engine.module.named_parameters():
         name = _gpt_name(ds_name, run)
@@ -436,15 +487,19 @@ def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path
         with torch.no_grad():
             if zero == 3:
                 _set_zero3_weight(param, local)
+                _set_zero3_part(engine.optimizer, param, local, None)
             else:
                 param.data.copy_(local.to(param.dtype))
-            if zero > 0:
+            if zero in (1, 2):
                 safe_set_full_fp32_param(param, local.float())
         if not with_optim:
             continue
         moments = {k: _local(v[name], name, rules, run, shape, tag_dir)
                    for k, v in full.moments.items() if name in v}
-        if zero > 0:
+        if zero == 3:
+            for key, value in moments.items():
+                _set_zero3_part(engine.optimizer, param, value, key)
+        elif zero > 0:
             for key, value in moments.items():
                 safe_set_full_optimizer_state(param, value.float(), key)
         elif moments:
@@ -457,11 +512,6 @@ def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path
     if extra and run.layout.pp == 0:  # a pipeline stage holds only its own layers
         raise CheckpointError(f"{tag_dir}: {extra[0]} is in the checkpoint but not in the model "
                               "of the config (config/architecture mismatch)")
-    if with_optim and zero > 0 and full.scalars:
-        base = engine.optimizer.optimizer
-        for state in base.state.values():
-            for key, value in full.scalars.items():
-                state[key] = _scalar(value)
 
 
 def load_at_new_layout(engine: Any, tag_dir: Path, saved: SavedLayout, run: RunLayout, *,
