@@ -7,7 +7,7 @@ Every checkpoint records the layout that wrote it and the shape of its model::
                                          and its parameters (DeepSpeed name -> GPTModel name, in
                                          the optimizer's order)
 
-On load (:func:`check_model_shape`, :func:`layout_changed`) a changed model shape stops with one
+On load (:func:`read_layout`, :func:`check_model_shape`) a changed model shape stops with one
 line; an unchanged layout loads through the DeepSpeed engine as before; a changed layout goes
 through :func:`load_at_new_layout`, which reads the checkpoint's files at the layout that wrote
 them into full tensors (model weights or fp32 master weights and every optimizer moment, in
@@ -176,10 +176,6 @@ def check_model_shape(tag_dir: Path, saved: SavedLayout, shape: Mapping[str, Any
                 f"{tag_dir}: {key} is {saved.shape[key]!r} in the checkpoint but "
                 f"{shape.get(key)!r} in the config: the model shape changed, the checkpoint "
                 "cannot be loaded")
-
-
-def layout_changed(saved: SavedLayout | None, run: RunLayout | None) -> bool:
-    return saved is not None and run is not None and saved.layout != run.layout
 
 
 def rng_source_rank(saved: SavedLayout, run: RunLayout) -> int:

@@ -45,7 +45,6 @@ from megatron.checkpoint.manifest import (
 from megatron.checkpoint.relayout import (
     RunLayout,
     check_model_shape,
-    layout_changed,
     load_at_new_layout,
     parse_state_dict_error,
     read_layout,
@@ -254,14 +253,13 @@ def load_checkpoint(
         log(f"{tag_dir} holds no optimizer state (saved with no_save_optim, or converted): "
             "the optimizer starts fresh")
         load_optimizer = False
-    saved = read_layout(tag_dir)
-    if saved is not None and options.layout is not None:
-        check_model_shape(tag_dir, saved, options.layout.shape)
-    if layout_changed(saved, options.layout):
-        assert saved is not None and options.layout is not None
-        client_state = load_at_new_layout(engine, tag_dir, saved, options.layout,
+    saved, run = read_layout(tag_dir), options.layout
+    if saved is not None and run is not None:
+        check_model_shape(tag_dir, saved, run.shape)
+    if saved is not None and run is not None and saved.layout != run.layout:
+        client_state = load_at_new_layout(engine, tag_dir, saved, run,
                                           load_optimizer=load_optimizer, log=log)
-        rng_rank = rng_source_rank(saved, options.layout)
+        rng_rank = rng_source_rank(saved, run)
     else:
         client_state = _load_same_layout(engine, load_dir, tag, load_optimizer, module_only)
         rng_rank = _rank()

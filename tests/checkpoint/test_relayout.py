@@ -151,3 +151,22 @@ def test_zero0_weights_and_moments_reshard_onto_tensor_parallel_ranks(tmp_path, 
             assert torch.equal(param.detach(), want_weights[tp_rank][name]), name
             assert torch.equal(opt.state[param]["exp_avg"], want_moments[tp_rank][name]), name
             assert float(opt.state[param]["step"]) == 1.0
+
+
+def test_an_unrecorded_checkpoint_of_another_layout_is_one_line(tmp_path, cfg):
+    """A checkpoint from before layouts were recorded, loaded at another ZeRO stage: DeepSpeed
+    looks for a file of its own layout, which is not there."""
+    tag_dir, _ = save(tmp_path, cfg, step=False)
+    (tag_dir / "layout.json").unlink()
+    write_manifest(tag_dir, 3)
+
+    class ZeroEngine(FakeEngine):
+        def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> tuple[str, dict]:
+            torch.load(Path(load_dir) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+            return "", {}
+
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(ZeroEngine(build(cfg)), LoadOptions(str(tmp_path), layout=run_of(cfg)),
+                        tracker=None, log=lambda _: None)
+    assert str(info.value).startswith(
+        f"{tag_dir}: has no zero_pp_rank_0_mp_rank_00_model_states.pt for this parallel layout")
