@@ -9,6 +9,8 @@
   and conversion.
 * :mod:`~megatron.checkpoint.reshard` -- tensor-parallel merge and split of full state dicts,
   with the split rules read from the layers.
+* :mod:`~megatron.checkpoint.relayout` -- the layout each checkpoint records, the model-shape
+  check on load, and resuming at another tensor/pipeline/data-parallel size or ZeRO stage.
 """
 
 from megatron.checkpoint.manifest import CheckpointError

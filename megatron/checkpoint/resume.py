@@ -7,6 +7,7 @@ Layout of ``<save>/``::
     global_step100/                one checkpoint (DeepSpeed's model/optimizer files, plus:)
         rng/rank_00000.pt          per-rank RNG states (python, numpy, torch, device, tracker)
         configs/merged.yml         the merged configuration of the run (and the original files)
+        layout.json, layout/       the parallel layout and model shape (see relayout.py)
         manifest.json              written last: every file with its size
 
 ``latest`` advances only after every rank finished writing and ``manifest.json`` is complete,
@@ -40,6 +41,15 @@ from megatron.checkpoint.manifest import (
     tag_for,
     verify_checkpoint,
     write_manifest,
+)
+from megatron.checkpoint.relayout import (
+    RunLayout,
+    check_model_shape,
+    load_at_new_layout,
+    parse_state_dict_error,
+    read_layout,
+    rng_source_rank,
+    write_layout,
 )
 
 
@@ -115,6 +125,7 @@ class SaveOptions:
     keep_last_n: int | None = None
     save_optimizer: bool = True
     save_rng: bool = True
+    layout: RunLayout | None = None  # recorded so the checkpoint can resume at another layout
 
 
 def save_checkpoint(
@@ -142,6 +153,8 @@ def save_checkpoint(
         rng_dir = tag_dir / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(tracker), rng_dir / f"rank_{rank:05d}.pt")
+    if options.layout is not None:
+        write_layout(tag_dir, engine, options.layout)
     if rank == 0:
         cfg_dir = tag_dir / "configs"
         cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +193,7 @@ class LoadOptions:
     load_optimizer: bool = True
     load_rng: bool = True
     finetune: bool = False
+    layout: RunLayout | None = None  # the running layout; a different one reshards on load
 
 
 @dataclass(frozen=True)
@@ -239,20 +253,19 @@ def load_checkpoint(
         log(f"{tag_dir} holds no optimizer state (saved with no_save_optim, or converted): "
             "the optimizer starts fresh")
         load_optimizer = False
-    try:
-        path, client_state = engine.load_checkpoint(
-            str(load_dir), tag=tag,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=False, load_module_only=module_only,
-        )
-    except Exception as exc:  # torch.load / DeepSpeed errors on damaged files
-        raise CheckpointError(f"{tag_dir}: cannot load ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    if path is None:
-        raise CheckpointError(f"{tag_dir}: DeepSpeed found no model states to load")
+    saved, run = read_layout(tag_dir), options.layout
+    if saved is not None and run is not None:
+        check_model_shape(tag_dir, saved, run.shape)
+    if saved is not None and run is not None and saved.layout != run.layout:
+        client_state = load_at_new_layout(engine, tag_dir, saved, run,
+                                          load_optimizer=load_optimizer, log=log)
+        rng_rank = rng_source_rank(saved, run)
+    else:
+        client_state = _load_same_layout(engine, load_dir, tag, load_optimizer, module_only)
+        rng_rank = _rank()
     client_state = dict(client_state or {})
     if options.load_rng and not module_only:
-        rng_file = tag_dir / "rng" / f"rank_{_rank():05d}.pt"
+        rng_file = tag_dir / "rng" / f"rank_{rng_rank:05d}.pt"
         if rng_file.is_file():
             try:
                 states = torch.load(rng_file, map_location="cpu", weights_only=False)
@@ -264,3 +277,30 @@ def load_checkpoint(
     iteration = 0 if module_only else int(client_state.get("iteration", manifest["iteration"]))
     log(f"loaded checkpoint {tag_dir} (iteration {iteration})")
     return Loaded(iteration, client_state, tag_dir)
+
+
+def _load_same_layout(engine: Any, load_dir: Path, tag: str, load_optimizer: bool,
+                      module_only: bool) -> dict[str, Any]:
+    """The fast path: DeepSpeed's engine loads the files of its own layout."""
+    tag_dir = load_dir / tag
+    try:
+        path, client_state = engine.load_checkpoint(
+            str(load_dir), tag=tag,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=False, load_module_only=module_only,
+        )
+    except FileNotFoundError as exc:  # files of another layout, saved before layouts were recorded
+        raise CheckpointError(
+            f"{tag_dir}: has no {Path(str(exc.filename or '')).name or 'file'} for this parallel "
+            "layout; it was written at another tensor/pipeline/data-parallel size or ZeRO stage "
+            "before checkpoints recorded their layout: resume it at the layout that wrote "
+            "it") from None
+    except Exception as exc:  # torch.load / DeepSpeed errors on damaged files
+        detail = parse_state_dict_error(tag_dir, str(exc))
+        if detail is not None:
+            raise CheckpointError(detail) from None
+        raise CheckpointError(f"{tag_dir}: cannot load ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if path is None:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed found no model states to load")
+    return dict(client_state or {})

@@ -19,6 +19,7 @@ import torch
 
 from megatron import accelerator
 from megatron.checkpoint import CheckpointError
+from megatron.checkpoint.relayout import run_layout
 from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
 from megatron.runtime import Runtime, start
 from megatron.training.control import world_max
@@ -90,7 +91,8 @@ class Trainer:
         save_checkpoint(
             self.engine.ds, SaveOptions(ck.save, ck.keep_last_n_checkpoints,
                                         save_optimizer=not ck.no_save_optim,
-                                        save_rng=not ck.no_save_rng),
+                                        save_rng=not ck.no_save_rng,
+                                        layout=run_layout(self.cfg, self.rt.state)),
             iteration=self.progress.iteration,
             client_state=self.progress.client_state(self.engine.scheduler),
             tracker=self.rt.tracker, config_files=self.config_files(),
@@ -108,7 +110,8 @@ class Trainer:
         loaded = load_checkpoint(
             self.engine.ds,
             LoadOptions(ck.load, load_optimizer=not ck.no_load_optim,
-                        load_rng=not ck.no_load_rng, finetune=ck.finetune),
+                        load_rng=not ck.no_load_rng, finetune=ck.finetune,
+                        layout=run_layout(self.cfg, self.rt.state)),
             tracker=self.rt.tracker, log=self.metrics.info)
         if loaded is None or ck.finetune:
             return
