@@ -44,9 +44,12 @@ class DataArgs:
         False, "Documents packed into one sample do not attend to each other.", origin="Meg")
     short_seq_prob: float = key(0.1, "Probability of a short sequence (BERT-style data only).",
                                 origin="Meg")
-    pack_impl: Literal["packed"] = key("packed", "How documents fill samples: packed "
-                                       "(concatenated across document boundaries).")
-    dataset_impl: Literal["gpt2"] = key("gpt2", "Dataset type.")
+    pack_impl: Literal["packed", "unpacked"] = key(
+        "packed", "How documents fill samples: packed (concatenated across document "
+        "boundaries) or unpacked (one document per sample, padded; labels -100 on the padding).")
+    dataset_impl: Literal["gpt2", "pairwise"] = key(
+        "gpt2", "Dataset type: gpt2, or pairwise (chosen/rejected pairs from the pos_*/neg_* "
+        "paths, one pair per sample, unpacked).")
     allow_chopped: bool = key(True, "Allow the last, partial sample of an epoch.")
     data_cache_dir: str | None = key(
         None, "Where the sample-index cache goes; unset: next to the data.", origin="Here")

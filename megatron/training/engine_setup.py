@@ -31,6 +31,12 @@ from megatron.training.optimizers import (
     param_groups,
     uses_deepspeed_optimizer,
 )
+from megatron.training.post_training import (
+    Objective,
+    attach_reward_head,
+    frozen,
+    needs_reference,
+)
 
 
 def _single_replica_reduction_is_identity(engine: Any, cfg: NeoXConfig, zero_stage: int,
@@ -71,10 +77,21 @@ def build_engine(rt: Runtime) -> Engine:
     if is_pipeline:
         loss_hook = GuardedPipelineLoss(
             PipelineLMLoss(rt.state, fp32=not cfg.model.fp16_lm_cross_entropy), guard)
-    model = build_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
-                        padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
-                        tracker=rt.tracker, loss_fn=loss_hook, init_seed=cfg.training.seed)
+    def new_model(loss_fn: Any = None) -> torch.nn.Module:
+        return build_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
+                           padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
+                           tracker=rt.tracker, loss_fn=loss_fn, init_seed=cfg.training.seed)
+
+    model = new_model(loss_hook)
+    objective = None
+    if cfg.posttrain.train_impl != "normal" or cfg.posttrain.z_loss > 0:
+        if cfg.posttrain.train_impl == "rm":
+            attach_reward_head(model, cfg)
+        objective = Objective(cfg, rt.state)
     model.to(rt.device)
+    if objective is not None and needs_reference(cfg):
+        # the starting model's weights are copied in by Engine.start, after any load
+        objective.reference = frozen(new_model().to(rt.device))
     apply_compile_and_fp8(model, cfg)  # torch_compile / fp8_training (no-op when unset)
     zero_stage = int((cfg.ds.zero_optimization or {}).get("stage", 0))
     try:
@@ -101,4 +118,4 @@ def build_engine(rt: Runtime) -> Engine:
               "state": rt.state, "cfg": cfg, "clipper": clipper}
     if is_pipeline:
         return PipelineEngine(**common, loss_hook=loss_hook)
-    return ModelEngine(**common)
+    return ModelEngine(**common, objective=objective)
