@@ -158,15 +158,15 @@ class ModelEngine(Engine):
 
     def take_metrics(self, kind: str = "train") -> dict[str, float]:
         sums = self._sums.pop(kind, {})
-        names = sorted(sums)
+        names = self.objective.metric_names() if self.objective is not None else ()
         if not names:
             return {}
-        values = torch.tensor([sums[k][0] / sums[k][1] for k in names], dtype=torch.float64)
+        # [sum, count] per name; every rank reduces the same list
+        values = torch.tensor([sums.get(k, [0.0, 0.0]) for k in names], dtype=torch.float64)
         group = self.state.dp_group
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(values, group=group)
-            values /= torch.distributed.get_world_size(group)
-        return dict(zip(names, values.tolist()))
+        return {k: float(s / n) for k, (s, n) in zip(names, values.tolist()) if n > 0}
 
     def client_state(self) -> dict[str, Any]:
         ref = self.objective.reference if self.objective is not None else None

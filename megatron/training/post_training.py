@@ -34,6 +34,16 @@ from megatron.training.data_setup import LMBatch, PreferenceBatch
 
 Forward = Callable[..., torch.Tensor]
 
+_REWARDS = ("rewards_chosen", "rewards_rejected", "rewards_margin")
+# what each method logs (every rank reduces the same list, present or not on it)
+METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "normal": (),
+    "dpo": (*_REWARDS, "rewards_accuracy", "logps_chosen", "logps_rejected", "kl_chosen"),
+    "kto": (*_REWARDS, "logps_chosen", "logps_rejected", "kl"),
+    "orpo": (*_REWARDS, "rewards_accuracy", "nll_loss", "log_odds_ratio", "log_odds_chosen"),
+    "rm": (*_REWARDS, "rewards_accuracy"),
+}
+
 
 class RewardHead(nn.Module):
     """hidden ``[.., h]`` -> one scalar; replicated on every tensor-parallel rank."""
@@ -91,6 +101,10 @@ class Objective:
     @property
     def impl(self) -> str:
         return self.cfg.posttrain.train_impl
+
+    def metric_names(self) -> tuple[str, ...]:
+        extra = ("z_loss",) if self.cfg.posttrain.z_loss > 0 else ()
+        return METRIC_NAMES[self.impl] + extra
 
     def _inputs(self, batch: LMBatch) -> dict[str, Any]:
         return {"position_ids": batch.position_ids, "attention_mask": batch.attention_mask}
