@@ -27,6 +27,9 @@ class PostTrainArgs:
     kto_undesirable_weight: float = key(1.0, "KTO: weight of the undesirable examples' loss.")
     orpo_lambda: float = key(0.1, "ORPO: weight of the odds-ratio term (lambda).",
                              origin="Here")
+    rm_pooling: Literal["last", "mean"] = key(
+        "last", "RM: the reward of a sequence is the head's value at its last token (last, as "
+        "GPT-NeoX) or the mean of its values over the trained tokens (mean).", origin="Here")
     z_loss: float = key(0.0, "Weight of the z-loss, mean(logsumexp(logits)^2) over the "
                         "trained tokens, added to the loss (0: off).")
     precompute_model_name: str | None = key(

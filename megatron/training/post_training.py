@@ -13,7 +13,8 @@ to log. The loss formulas are in :mod:`megatron.training.preference`.
 - ``kto``: the same on unpaired rows marked desirable or not; the reference point is the
   micro batch's mean log-ratio (detached, at least 0).
 - ``orpo``: per-token mean log-probabilities and the LM loss on the chosen rows.
-- ``rm``: the reward head on the final hidden state of each sequence's last token.
+- ``rm``: the reward head on the final hidden state of each sequence's last token
+  (``rm_pooling: mean``: averaged over the trained positions).
 """
 
 from __future__ import annotations
@@ -166,8 +167,13 @@ class Objective:
         hidden = forward(batch.tokens, hidden_only=True, **self._inputs(batch))
         module = getattr(forward, "module", forward)
         head = module.reward_head
-        index = last_token_index(batch.loss_mask)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        rewards = head(hidden[rows, index])
+        if self.cfg.posttrain.rm_pooling == "mean":
+            # the mean value over the positions that predict the trained tokens
+            mask = batch.loss_mask.to(torch.float32)
+            rewards = (head(hidden) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        else:
+            index = last_token_index(batch.loss_mask)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            rewards = head(hidden[rows, index])
         half = rewards.shape[0] // 2
         return P.rm_loss(rewards[:half], rewards[half:])
