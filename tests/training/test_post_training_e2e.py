@@ -1,5 +1,6 @@
-"""DPO through ``deepy.py train.py`` on 2 CPU ranks: the method's values are logged, the
-reference model travels with the checkpoint, and a resumed run continues exactly."""
+"""DPO through ``deepy.py train.py`` on 2 CPU ranks, from GPT-NeoX's own DPO config scaled
+down (ZeRO stage 1 as in the original): the method's values are logged, the reference model
+travels with the checkpoint, and a resumed run continues exactly."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 from megatron.checkpoint.manifest import LATEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_helpers import base_values, explain, records, run_deepy, write_config  # noqa: E402
+from e2e_helpers import explain, records, run_deepy, write_config  # noqa: E402
 from posttrain_helpers import pairwise_values, write_pairwise  # noqa: E402
 
+NEOX_DPO = "tests/config/neox_post_training/llama3-8b-dpo.yml"
 METHOD_VALUES = {"rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy",
                  "kl_chosen"}
 
@@ -27,18 +29,30 @@ def pairs(tmp_path_factory):
 
 
 def _values(pairs, run: Path, **extra):
-    values = base_values(None, run, num_gpus=2, train_iters=4, eval_interval=2, eval_iters=1,
-                         train_impl="dpo", dpo_beta=0.1, **pairs, **extra)
-    values.pop("data_path")
-    values.pop("split")
-    return values
+    """GPT-NeoX's llama3-8b DPO config scaled down to a CPU run on the synthetic pairs."""
+    return {
+        **pairs, "pos_test_data_paths": None, "neg_test_data_paths": None,
+        "pos_test_label_data_paths": None, "neg_test_label_data_paths": None,
+        "num_gpus": 2, "model_parallel_size": 1, "num_layers": 2, "hidden_size": 64,
+        "num_attention_heads": 4, "num_kv_heads": 2, "seq_length": 64,
+        "max_position_embeddings": 64, "attention_config": [[["global"], 2]],
+        "intermediate_size": 128, "mlp_multiple_of": 128, "make_vocab_size_divisible_by": 8,
+        "tokenizer_type": "CharLevelTokenizer", "vocab-file": None, "precision": "fp32",
+        "bf16": {"enabled": False}, "distributed_backend": "gloo", "use_wandb": False,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}},
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+        "num_workers": 0, "train_iters": 4, "lr_decay_iters": 4, "eval_interval": 2,
+        "eval_iters": 1, "do_test": False, "dpo_beta": 0.1, "load": None, "finetune": False,
+        "checkpoint_factor": 2, "log_dir": str(run / "logs"), "wall_clock_breakdown": False,
+        **extra,
+    }
 
 
 def test_dpo_trains_logs_and_resumes_exactly(pairs, tmp_path):
     full = tmp_path / "full"
     cfg = write_config(tmp_path / "full.yml", _values(
-        pairs, full, save=str(full / "ckpt"), save_interval=2))
-    proc = run_deepy("configs/tiny_neox.yml", cfg)
+        pairs, full, save=str(full / "ckpt")))
+    proc = run_deepy(NEOX_DPO, cfg)
     assert proc.returncode == 0, explain(proc)
     train = {r["iteration"]: r for r in records(full)}
     assert sorted(train) == [1, 2, 3, 4]
@@ -56,9 +70,8 @@ def test_dpo_trains_logs_and_resumes_exactly(pairs, tmp_path):
     shutil.copytree(full / "ckpt" / "global_step2", resumed / "ckpt" / "global_step2")
     (resumed / "ckpt" / LATEST).write_text("global_step2")
     cfg = write_config(tmp_path / "resumed.yml", _values(
-        pairs, resumed, load=str(resumed / "ckpt"), save=str(resumed / "ckpt"),
-        save_interval=2))
-    proc = run_deepy("configs/tiny_neox.yml", cfg)
+        pairs, resumed, load=str(resumed / "ckpt"), save=str(resumed / "ckpt")))
+    proc = run_deepy(NEOX_DPO, cfg)
     assert proc.returncode == 0, explain(proc)
     again = {r["iteration"]: r for r in records(resumed)}
     assert sorted(again) == [3, 4]
