@@ -105,8 +105,9 @@ class LoggingArgs:
 
 @dataclass(frozen=True)
 class TextGenArgs:
-    text_gen_type: Literal["unconditional", "input-file", "interactive"] = key(
-        "unconditional", "Generation mode.")
+    text_gen_type: Literal["unconditional", "input-file", "interactive", "precompute"] = key(
+        "unconditional", "Generation mode; precompute writes the reference log-probabilities "
+        "of the post-training data (precompute_model_name, docs/post_training.md).")
     temperature: float = key(0.0, "Sampling temperature; 0 is greedy.")
     top_p: float = key(0.0, "Nucleus sampling threshold (0 disables).")
     top_k: int = key(0, "Sample from the k most likely tokens (0 disables).")

@@ -177,3 +177,73 @@ class Objective:
             rewards = head(hidden[rows, index])
         half = rewards.shape[0] // 2
         return P.rm_loss(rewards[:half], rewards[half:])
+
+
+def reference_logps_prefixes(cfg: NeoXConfig) -> list[tuple[str, str | None]]:
+    """Every (data, labels) prefix of the configured post-training data whose reference
+    log-probabilities ``precompute_model_name`` reads."""
+    pt, d = cfg.posttrain, cfg.data
+    out: list[tuple[str, str | None]] = []
+    for split in ("train", "valid", "test"):
+        if d.dataset_impl == "pairwise":
+            for side in ("pos", "neg"):
+                paths = getattr(pt, f"{side}_{split}_data_paths") or []
+                labels = getattr(pt, f"{side}_{split}_label_data_paths") or [None] * len(paths)
+                out += list(zip(paths, labels))
+        else:
+            paths = getattr(d, f"{split}_data_paths") or []
+            labels = getattr(d, f"{split}_label_data_paths") or [None] * len(paths)
+            out += list(zip(paths, labels))
+    return list(dict.fromkeys(out))  # valid and test often repeat a dataset
+
+
+@torch.no_grad()
+def precompute_reference_logps(model: nn.Module, cfg: NeoXConfig, state: ParallelState,
+                               eod: int, device: torch.device, *, write: bool,
+                               batch_size: int = 8, log: Callable[[str], None] = print
+                               ) -> list[str]:
+    """``text_gen_type: precompute``: the summed log-probability of every document's labelled
+    tokens under ``model`` (cut to a sample as training cuts it), written as float32 datasets
+    ``<data path>_<precompute_model_name>_ref`` (by the rank with ``write``). Every rank of a
+    tensor-parallel group must call it. Returns the written prefixes."""
+    import numpy as np
+
+    from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder, make_dataset
+    from megatron.data.pairwise_dataset import IGNORE
+    from megatron.training.data_setup import lm_batch
+
+    name = cfg.posttrain.precompute_model_name
+    if not name:
+        raise ValueError("precompute_model_name: not set (names the reference datasets)")
+    assert cfg.model.seq_length is not None
+    width = cfg.model.seq_length + 1
+    fp32 = cfg.posttrain.dpo_fp32 if cfg.posttrain.train_impl == "dpo" else \
+        cfg.posttrain.kto_fp32
+    written = []
+    for data_prefix, label_prefix in reference_logps_prefixes(cfg):
+        text = make_dataset(data_prefix)
+        labels = make_dataset(label_prefix) if label_prefix else text
+        values: list[float] = []
+        for start in range(0, len(text), batch_size):
+            docs = range(start, min(start + batch_size, len(text)))
+            raw = {"text": torch.zeros(len(docs), width, dtype=torch.long),
+                   "label": torch.full((len(docs), width), IGNORE, dtype=torch.long)}
+            for row, doc in enumerate(docs):
+                t = torch.from_numpy(np.asarray(text[doc][:width], dtype=np.int64))
+                lab = torch.from_numpy(np.asarray(labels[doc][:width], dtype=np.int64))
+                raw["text"][row, :len(t)] = t
+                raw["label"][row, :len(lab)] = lab
+            batch = lm_batch(raw, cfg, eod, device)
+            logits = model(batch.tokens, position_ids=batch.position_ids,
+                           attention_mask=batch.attention_mask)
+            values += P.sequence_logps(logits, batch.labels, batch.loss_mask, state,
+                                       fp32=fp32).tolist()
+        out = f"{data_prefix}_{name}_ref"
+        if write:
+            builder = MMapIndexedDatasetBuilder(out + ".bin", np.float32)
+            for v in values:
+                builder.add_document(np.asarray([v], dtype=np.float32))
+            builder.finalize(out + ".idx")
+            log(f"reference log-probabilities of {len(values)} documents: {out}")
+        written.append(out)
+    return written

@@ -5,6 +5,7 @@ pairs; SFT on chat data leaves the user turns untrained."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,12 @@ from megatron.neox_arguments import RunFacts, merge_configs, resolve_config
 from megatron.parallel import ParallelState
 from megatron.tokenizer import build_tokenizer
 from megatron.training.data_setup import PreferenceBatch, preference_batch
-from megatron.training.post_training import Objective, attach_reward_head, frozen
+from megatron.training.post_training import (
+    Objective,
+    attach_reward_head,
+    frozen,
+    precompute_reference_logps,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from posttrain_helpers import pairwise_values, write_pairwise  # noqa: E402
@@ -185,3 +191,33 @@ def test_sft_on_chat_data_leaves_user_turns_untrained():
     assert "lambda" in text and "yield" in text and "hello there" in text
     assert "keyword" not in text and "be brief" not in text and "hi" not in text.replace(
         "hello there", "")
+
+
+def test_precomputed_reference_equals_the_frozen_copy(tmp_path):
+    data = pairwise_values(write_pairwise(tmp_path, "train", 24, 31),
+                           write_pairwise(tmp_path, "valid", 8, 32))
+    cfg = _config(train_impl="dpo", precompute_model_name="start", **data)
+    state = ParallelState.single()
+    start = frozen(_model(cfg, state))
+    eod = build_tokenizer("CharLevelTokenizer").eod
+    written = precompute_reference_logps(start, cfg, state, eod, torch.device("cpu"),
+                                         write=True, log=lambda _: None)
+    assert written[0] == data["pos_train_data_paths"][0] + "_start_ref"
+    assert len(written) == 4  # chosen and rejected of train and valid
+    train, _, _ = build_post_training_datasets(
+        cfg.data, cfg.posttrain, seq_length=SEQ, seed=3, train_val_test_num_samples=[24, 8, 0])
+    batch = next(_batches(train, cfg, 12))
+    assert batch.ref_logps is not None and batch.ref_logps.shape == (24,)
+    policy = _model(cfg, state)
+    with torch.no_grad():  # move the policy away from the reference
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg_live = _config(train_impl="dpo", **data)
+    live = Objective(cfg_live, state, start)
+    stored = Objective(cfg, state)
+    loss_live, m_live = live.loss(policy, dataclasses.replace(batch, ref_logps=None))
+    loss_stored, m_stored = stored.loss(policy, batch)
+    assert float(m_live["rewards_margin"]) != 0.0
+    assert abs(float(loss_live.detach()) - float(loss_stored.detach())) < 1e-6
+    for k in ("rewards_chosen", "rewards_rejected", "kl_chosen"):
+        assert abs(float(m_live[k]) - float(m_stored[k])) < 1e-6
