@@ -281,6 +281,22 @@ def _post_training(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
         if rewards is not None and (paths is None or len(rewards) != len(paths)):
             raise loc.error(f"{split}_reward_data_paths", message=(
                 f"has {len(rewards)} entries for {len(paths or [])} {split}_data_paths"))
+    if pt.lora_rank < 0:
+        raise loc.error("lora_rank", message=f"must be >= 0, got {pt.lora_rank}")
+    if pt.lora_rank > 0:
+        if cfg.parallelism.is_pipe_parallel:
+            raise loc.error("lora_rank", "pipe_parallel_size", message=(
+                "LoRA is implemented for the plain model only; use pipe_parallel_size: 0"))
+        if cfg.precision.fp8_training:
+            raise loc.error("lora_rank", "fp8_training", message=(
+                "LoRA adapters and fp8_training both replace the linear layers' product; "
+                "use one of them"))
+        from megatron.training.lora import TARGETS
+
+        bad = [t for t in pt.lora_target_modules if t not in TARGETS]
+        if bad or not pt.lora_target_modules:
+            raise loc.error("lora_target_modules", message=(
+                f"{bad or '[]'}: choose among {', '.join(TARGETS)}"))
     if d.dataset_impl != "pairwise":
         return
     for split in ("train", "valid", "test"):

@@ -53,3 +53,13 @@ class PostTrainArgs:
         None, "KTO: one value per document of train_data_paths (> 0: desirable).")
     valid_reward_data_paths: list[str] | None = key(None, "KTO: rewards of valid_data_paths.")
     test_reward_data_paths: list[str] | None = key(None, "KTO: rewards of test_data_paths.")
+    lora_rank: int = key(
+        0, "LoRA: the adapters' rank r (0: no LoRA). Only the adapters train; the base weights "
+        "are frozen. See docs/post_training.md.", origin="Here")
+    lora_alpha: float = key(16.0, "LoRA: the adapters are scaled by lora_alpha / lora_rank.",
+                            origin="Here")
+    lora_dropout: float = key(0.0, "LoRA: dropout on the adapters' input.", origin="Here")
+    lora_target_modules: list[str] = key(
+        ["query_key_value", "dense"], "LoRA: the linear layers that get adapters, by name: "
+        "query_key_value, dense (attention output), dense_h_to_4h, dense_4h_to_h.",
+        origin="Here")

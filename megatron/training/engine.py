@@ -32,6 +32,7 @@ from megatron.parallel.state import ParallelState
 from megatron.training.control import StepGuard
 from megatron.training.data_setup import LMBatch
 from megatron.training.grad_norm import NormClipper, check_grads
+from megatron.training.lora import merged_state_dict
 from megatron.training.lr_schedule import AnnealingLR
 from megatron.training.post_training import Objective
 
@@ -179,8 +180,12 @@ class ModelEngine(Engine):
         saved = (client_state or {}).get("reference_model")
         # the reference is the starting model: the one just built or loaded for finetuning,
         # or, when resuming, the one the run started from (saved with every checkpoint)
-        ref.load_state_dict(saved if saved is not None else self.ds.module.state_dict(),
-                            strict=True)
+        if saved is None:
+            saved = self.ds.module.state_dict()
+            pt = self.cfg.posttrain
+            if pt.lora_rank > 0:  # the starting model with its adapters folded in
+                saved = merged_state_dict(saved, rank=pt.lora_rank, alpha=pt.lora_alpha)
+        ref.load_state_dict(saved, strict=True)
 
     def train_step(self, batches: Iterator[LMBatch], *, inject: bool,
                    measure_norm: bool) -> float:

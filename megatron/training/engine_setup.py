@@ -24,6 +24,7 @@ from megatron.training.compile import apply_compile_and_fp8
 from megatron.training.control import StepGuard
 from megatron.training.engine import Engine, GuardedPipelineLoss, ModelEngine, PipelineEngine
 from megatron.training.grad_norm import NormClipper
+from megatron.training.lora import apply_lora
 from megatron.training.lr_schedule import build_lr_scheduler
 from megatron.training.optimizers import (
     build_optimizer,
@@ -88,6 +89,14 @@ def build_engine(rt: Runtime) -> Engine:
         if cfg.posttrain.train_impl == "rm":
             attach_reward_head(model, cfg)
         objective = Objective(cfg, rt.state)
+    pt = cfg.posttrain
+    if pt.lora_rank > 0:
+        adapted = apply_lora(model, rank=pt.lora_rank, alpha=pt.lora_alpha,
+                             dropout=pt.lora_dropout, targets=pt.lora_target_modules,
+                             state=rt.state, seed=cfg.training.seed)
+        if rt.state.rank == 0:
+            print(f"LoRA: rank {pt.lora_rank} adapters on {len(adapted)} layers; "
+                  "the base weights are frozen", flush=True)
     model.to(rt.device)
     if objective is not None and needs_reference(cfg):
         # the starting model's weights are copied in by Engine.start, after any load
