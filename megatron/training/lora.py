@@ -146,3 +146,83 @@ def peft_adapter(state_dict: Mapping[str, torch.Tensor], output_dir: str | Path,
               "inference_mode": True}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def full_adapters(shards: list[Mapping[str, torch.Tensor]], model: Any
+                  ) -> dict[str, torch.Tensor]:
+    """Full ``lora_A``/``lora_B`` tensors from every tensor-parallel rank's state dict: the
+    split one of each pair is merged by its weight's rule, the replicated one taken once."""
+    from megatron.checkpoint.reshard import partition_of, split_rules
+    from megatron.parallel.layers import merge_shards
+
+    out: dict[str, torch.Tensor] = {}
+    rules = split_rules(model) if len(shards) > 1 else None
+    for prefix in lora_names(shards[0]):
+        a, b = prefix + ".lora_A", prefix + ".lora_B"
+        if rules is None:
+            out[a], out[b] = shards[0][a], shards[0][b]
+            continue
+        part = partition_of(prefix + ".weight", model, rules)
+        split = b if part.dim == 0 else a  # column-parallel: B; row-parallel: A
+        for name in (a, b):
+            out[name] = merge_shards([s[name] for s in shards], part.dim, part.stride) \
+                if name == split else shards[0][name]
+    return out
+
+
+def export_checkpoint(load: str, model: Any, *, rank: int, alpha: float, dropout: float,
+                      targets: list[str], merged_dir: str | None = None,
+                      peft_dir: str | None = None) -> list[str]:
+    """From a LoRA training checkpoint: a plain checkpoint with the adapters merged into the
+    weights (which the trainer, generation and the Hugging Face conversion load) and/or a PEFT
+    adapter of the converted GPT-NeoX model. Returns what was written."""
+    from megatron.checkpoint.reshard import merge_tp_shards
+    from megatron.checkpoint.weights import inspect_checkpoint, read_shard, write_checkpoint
+
+    info = inspect_checkpoint(load)
+    shards = [read_shard(info, r, model) for r in range(info.tp_size)]
+    if not lora_names(shards[0]):
+        raise ValueError(f"{info.tag_dir}: no LoRA adapters in the checkpoint")
+    written = []
+    if merged_dir:
+        merged = [merged_state_dict(s, rank=rank, alpha=alpha) for s in shards]
+        full = merge_tp_shards(merged, model)
+        written.append(str(write_checkpoint(merged_dir, full, model,
+                                            iteration=info.iteration)))
+    if peft_dir:
+        written.append(str(peft_adapter(full_adapters(shards, model), peft_dir, rank=rank,
+                                        alpha=alpha, dropout=dropout, targets=targets)))
+    return written
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Export the LoRA adapters of a checkpoint: merged "
+                                "into the weights and/or as a Hugging Face PEFT adapter.")
+    p.add_argument("--input_dir", required=True, help="the checkpoint (directory or step)")
+    p.add_argument("--config_file", nargs="+", required=True, help="the training config")
+    p.add_argument("--merged_dir", help="write a plain checkpoint with the adapters merged")
+    p.add_argument("--peft_dir", help="write a PEFT adapter (adapter_config.json + "
+                   "adapter_model.safetensors) of the model converted with --architecture neox")
+    args = p.parse_args(argv)
+    if not (args.merged_dir or args.peft_dir):
+        p.error("give --merged_dir and/or --peft_dir")
+    from megatron.conversion.neox_to_hf import load_neox_config
+    from megatron.neox_arguments import ConfigError
+
+    try:
+        cfg = load_neox_config(args.config_file)
+        pt = cfg.posttrain
+        if pt.lora_rank <= 0:
+            raise ValueError(f"{args.config_file[0]}: lora_rank is not set")
+        for line in export_checkpoint(
+                args.input_dir, cfg.model, rank=pt.lora_rank, alpha=pt.lora_alpha,
+                dropout=pt.lora_dropout, targets=list(pt.lora_target_modules),
+                merged_dir=args.merged_dir, peft_dir=args.peft_dir):
+            print(f"wrote {line}")
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from megatron.checkpoint.reshard import merge_tp_shards
 from megatron.conversion.hf_mapping import hf_config, to_hf_state_dict
 from megatron.model import GPTModel, gather_logits, lm_loss
 from megatron.parallel import ParallelState, RankTopology
-from megatron.training.lora import apply_lora, merged_state_dict, peft_adapter
+from megatron.training.lora import apply_lora, full_adapters, merged_state_dict, peft_adapter
 from megatron.training.optimizers import param_groups
 from tests.distributed import run_distributed
 from tests.model.gpt_model_helpers import VOCAB, load_tiny
@@ -94,7 +95,7 @@ def test_merged_model_equals_adapter_model(trained):
     assert (ours - plain).abs().max() < 1e-5
 
 
-def _tp2(rank: int, world: int) -> list[float]:
+def _tp2(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     base = ParallelState.initialize(RankTopology(2, 2, 1))
     cfg = load_tiny("tiny_neox", world_size=2, model_parallel_size=2, seq_length=16,
                     max_position_embeddings=16)
@@ -108,14 +109,24 @@ def _tp2(rank: int, world: int) -> list[float]:
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    return losses
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_tp2_lora_equals_tp1_per_step(trained):
-    _, _, _, _, tp1 = trained
+    cfg, _, model, _, tp1 = trained
     results = run_distributed(_tp2, 2, timeout=240)
-    for tp2 in results:
+    for tp2, _ in results:
         assert_close(torch.tensor(tp2), torch.tensor(tp1), rtol=1e-5, atol=1e-6)
+    # the two shards' adapters, put together, are the TP=1 adapters; merging shard by shard
+    # gives the TP=1 merged weights
+    shards = [sd for _, sd in results]
+    ours = model.state_dict()
+    for name, tensor in full_adapters(shards, cfg.model).items():
+        assert_close(tensor, ours[name], rtol=1e-4, atol=1e-6)
+    merged = merge_tp_shards([merged_state_dict(s, rank=RANK, alpha=ALPHA) for s in shards],
+                             cfg.model)
+    for name, tensor in merged_state_dict(ours, rank=RANK, alpha=ALPHA).items():
+        assert_close(merged[name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_peft_adapter_on_converted_model_gives_our_logits(trained, tmp_path):
