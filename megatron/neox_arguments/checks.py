@@ -271,7 +271,7 @@ def _post_training(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
         raise loc.error("train_impl", "sequence_parallel", message=(
             "rm reads the last hidden state of every sequence: turn sequence_parallel off"))
     if impl == "kto":
-        rewards, paths = pt.train_reward_data_paths, d.train_data_paths
+        rewards = pt.train_reward_data_paths
         if purpose == "train" and not rewards:
             raise loc.error("train_impl", "train_reward_data_paths", message=(
                 "kto needs train_reward_data_paths (one value per document; > 0: desirable)"))
