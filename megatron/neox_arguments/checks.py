@@ -281,6 +281,11 @@ def _post_training(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
         if rewards is not None and (paths is None or len(rewards) != len(paths)):
             raise loc.error(f"{split}_reward_data_paths", message=(
                 f"has {len(rewards)} entries for {len(paths or [])} {split}_data_paths"))
+    unpacked = d.pack_impl == "unpacked" or impl == "kto"
+    if unpacked and d.dataset_impl != "pairwise" and d.data_path:
+        raise loc.error("pack_impl" if impl != "kto" else "train_impl", "data_path", message=(
+            "one document per sample reads train_data_paths (with train_label_data_paths), "
+            "not data_path with split"))
     if pt.lora_rank < 0:
         raise loc.error("lora_rank", message=f"must be >= 0, got {pt.lora_rank}")
     if pt.lora_rank > 0:

@@ -51,6 +51,8 @@ BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_lengt
     ({"train_impl": "kto", "train_data_paths": ["d"]}, ("train_reward_data_paths",)),
     ({"dataset_impl": "pairwise", "pos_train_data_paths": ["a", "b"],
       "neg_train_data_paths": ["c"]}, ("neg_train_data_paths",)),
+    ({"pack_impl": "unpacked", "data_path": "d"}, ("pack_impl", "data_path")),
+    ({"lora_rank": 4, "lora_target_modules": ["mlp"], "data_path": "d"}, ("lora_target_modules",)),
     ({"train_impl": "orpo", "dataset_impl": "pairwise", "pos_train_data_paths": ["a"],
       "neg_train_data_paths": ["b"], "pipe_parallel_size": 1}, ("pipe_parallel_size",)),
 ])
