@@ -247,7 +247,10 @@ class GPTModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         kv_cache: KVCache | None = None,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
+        """Logits, or with ``hidden_only`` the final-norm hidden states ``[b, s, h]`` (the
+        output layer is not run; for heads such as a reward model's)."""
         b, s = tokens.shape
         start = 0
         if kv_cache is not None:
@@ -264,11 +267,12 @@ class GPTModel(nn.Module):
         act = Activations(tokens, AttentionInputs(position_ids, attention_mask, None, start),
                           kv_cache)
         recompute = self.training and kv_cache is None and torch.is_grad_enabled()
-        act = run_blocks(self.steps(), act, tracker=self.tracker,
+        steps = self.steps()
+        act = run_blocks(steps[:-1] if hidden_only else steps, act, tracker=self.tracker,
                          checkpoint_layers=self.checkpoint_num_layers if recompute else 0)
         if kv_cache is not None:
             kv_cache.length = start + s
-        return act.x
+        return act.x.transpose(0, 1) if hidden_only else act.x
 
 
 # ------------------------------------------------------------------------------ loss

@@ -257,7 +257,8 @@ def _data(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     if not 1 <= len(split_weights) <= 3 or any(w < 0 for w in split_weights) \
             or sum(split_weights) <= 0:
         raise loc.error("split", message=f"{d.split!r}: give up to three non-negative weights")
-    if purpose == "train" and not (d.data_path or d.train_data_paths):
+    if purpose == "train" and not (d.data_path or d.train_data_paths) \
+            and d.dataset_impl != "pairwise":
         raise loc.error("data_path", message="training needs data_path or train_data_paths")
     tok = cfg.tokenizer
     if purpose is None:  # a config checked without a job (tools, tests): files may come later
@@ -298,6 +299,68 @@ def _compile(cfg: NeoXConfig, loc: Locator) -> None:
             "multiple of 16 (FP8 matrix multiplications)"))
 
 
+def _post_training(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
+    """train_impl against its data and the layouts it runs on (docs/post_training.md)."""
+    pt, d = cfg.posttrain, cfg.data
+    impl = pt.train_impl
+    if impl in ("dpo", "rm", "orpo") and d.dataset_impl != "pairwise":
+        raise loc.error("train_impl", "dataset_impl", message=(
+            f"{impl} trains on chosen/rejected pairs: set dataset_impl: pairwise with "
+            "pos_train_data_paths and neg_train_data_paths"))
+    if impl != "normal" and cfg.parallelism.is_pipe_parallel:
+        raise loc.error("train_impl", "pipe_parallel_size", message=(
+            f"{impl} is implemented for the plain model only; use pipe_parallel_size: 0"))
+    if impl == "rm" and cfg.parallelism.sequence_parallel:
+        raise loc.error("train_impl", "sequence_parallel", message=(
+            "rm reads the last hidden state of every sequence: turn sequence_parallel off"))
+    if impl == "kto":
+        rewards = pt.train_reward_data_paths
+        if purpose == "train" and not rewards:
+            raise loc.error("train_impl", "train_reward_data_paths", message=(
+                "kto needs train_reward_data_paths (one value per document; > 0: desirable)"))
+    for split in ("train", "valid", "test"):
+        rewards = getattr(pt, f"{split}_reward_data_paths")
+        paths = getattr(d, f"{split}_data_paths")
+        if rewards is not None and (paths is None or len(rewards) != len(paths)):
+            raise loc.error(f"{split}_reward_data_paths", message=(
+                f"has {len(rewards)} entries for {len(paths or [])} {split}_data_paths"))
+    unpacked = d.pack_impl == "unpacked" or impl == "kto"
+    if unpacked and d.dataset_impl != "pairwise" and d.data_path:
+        raise loc.error("pack_impl" if impl != "kto" else "train_impl", "data_path", message=(
+            "one document per sample reads train_data_paths (with train_label_data_paths), "
+            "not data_path with split"))
+    if pt.lora_rank < 0:
+        raise loc.error("lora_rank", message=f"must be >= 0, got {pt.lora_rank}")
+    if pt.lora_rank > 0:
+        if cfg.parallelism.is_pipe_parallel:
+            raise loc.error("lora_rank", "pipe_parallel_size", message=(
+                "LoRA is implemented for the plain model only; use pipe_parallel_size: 0"))
+        if cfg.precision.fp8_training:
+            raise loc.error("lora_rank", "fp8_training", message=(
+                "LoRA adapters and fp8_training both replace the linear layers' product; "
+                "use one of them"))
+        from megatron.training.lora import TARGETS
+
+        bad = [t for t in pt.lora_target_modules if t not in TARGETS]
+        if bad or not pt.lora_target_modules:
+            raise loc.error("lora_target_modules", message=(
+                f"{bad or '[]'}: choose among {', '.join(TARGETS)}"))
+    if d.dataset_impl != "pairwise":
+        return
+    for split in ("train", "valid", "test"):
+        pos = getattr(pt, f"pos_{split}_data_paths") or []
+        for other in (f"neg_{split}_data_paths", f"pos_{split}_label_data_paths",
+                      f"neg_{split}_label_data_paths"):
+            value = getattr(pt, other)
+            if (value is not None or other.startswith("neg_") and not other.endswith(
+                    "label_data_paths")) and len(value or []) != len(pos):
+                raise loc.error(other, message=(
+                    f"has {len(value or [])} entries for {len(pos)} pos_{split}_data_paths"))
+    if purpose == "train" and not pt.pos_train_data_paths:
+        raise loc.error("dataset_impl", "pos_train_data_paths", message=(
+            "pairwise training needs pos_train_data_paths and neg_train_data_paths"))
+
+
 def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     """Raise ConfigError for anything that is wrong wherever the job runs."""
     _ranges(cfg, loc)
@@ -306,6 +369,7 @@ def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     _parallel(cfg, loc)
     _compile(cfg, loc)
     _data(cfg, loc, purpose)
+    _post_training(cfg, loc, purpose)
 
 
 def _dataset_files(prefix: str) -> list[str]:

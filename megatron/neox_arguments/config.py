@@ -16,6 +16,7 @@ from megatron.neox_arguments.groups_io import (
     TokenizerArgs,
 )
 from megatron.neox_arguments.groups_model import ActivationCheckpointArgs, ParallelismArgs
+from megatron.neox_arguments.groups_posttrain import PostTrainArgs
 from megatron.neox_arguments.groups_training import (
     CheckpointArgs,
     LRArgs,
@@ -51,6 +52,7 @@ class NeoXConfig:
     ds: DeepSpeedArgs
     launcher: LauncherArgs
     other: OtherArgs
+    posttrain: PostTrainArgs
     merged: MergedConfig = field(repr=False, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 

@@ -44,9 +44,12 @@ class DataArgs:
         False, "Documents packed into one sample do not attend to each other.", origin="Meg")
     short_seq_prob: float = key(0.1, "Probability of a short sequence (BERT-style data only).",
                                 origin="Meg")
-    pack_impl: Literal["packed"] = key("packed", "How documents fill samples: packed "
-                                       "(concatenated across document boundaries).")
-    dataset_impl: Literal["gpt2"] = key("gpt2", "Dataset type.")
+    pack_impl: Literal["packed", "unpacked"] = key(
+        "packed", "How documents fill samples: packed (concatenated across document "
+        "boundaries) or unpacked (one document per sample, padded; labels -100 on the padding).")
+    dataset_impl: Literal["gpt2", "pairwise"] = key(
+        "gpt2", "Dataset type: gpt2, or pairwise (chosen/rejected pairs from the pos_*/neg_* "
+        "paths, one pair per sample, unpacked).")
     allow_chopped: bool = key(True, "Allow the last, partial sample of an epoch.")
     data_cache_dir: str | None = key(
         None, "Where the sample-index cache goes; unset: next to the data.", origin="Here")
@@ -102,8 +105,9 @@ class LoggingArgs:
 
 @dataclass(frozen=True)
 class TextGenArgs:
-    text_gen_type: Literal["unconditional", "input-file", "interactive"] = key(
-        "unconditional", "Generation mode.")
+    text_gen_type: Literal["unconditional", "input-file", "interactive", "precompute"] = key(
+        "unconditional", "Generation mode; precompute writes the reference log-probabilities "
+        "of the post-training data (precompute_model_name, docs/post_training.md).")
     temperature: float = key(0.0, "Sampling temperature; 0 is greedy.")
     top_p: float = key(0.0, "Nucleus sampling threshold (0 disables).")
     top_k: int = key(0, "Sample from the k most likely tokens (0 disables).")

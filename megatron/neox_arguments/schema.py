@@ -17,6 +17,7 @@ from megatron.neox_arguments.groups_io import (
     TokenizerArgs,
 )
 from megatron.neox_arguments.groups_model import ActivationCheckpointArgs, ParallelismArgs
+from megatron.neox_arguments.groups_posttrain import PostTrainArgs
 from megatron.neox_arguments.groups_training import (
     CheckpointArgs,
     LRArgs,
@@ -42,6 +43,7 @@ SECTIONS: dict[str, tuple[type, str]] = {
     "ds": (DeepSpeedArgs, "DeepSpeed engine"),
     "launcher": (LauncherArgs, "DeepSpeed launcher"),
     "other": (OtherArgs, "Other"),
+    "posttrain": (PostTrainArgs, "Post-training"),
 }
 
 

@@ -166,6 +166,15 @@ def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None,
     out = stdout or sys.stdout
     log = (lambda msg: print(msg, file=out, flush=True)) if _is_rank0() else (lambda msg: None)
     model = load_inference_model(cfg, rt.state, rt.device, tracker=rt.tracker, log=log)
+    if cfg.textgen.text_gen_type == "precompute":
+        from megatron.training.post_training import precompute_reference_logps
+
+        try:
+            precompute_reference_logps(model, cfg, rt.state, tokenizer.eod, rt.device,
+                                       write=rt.state.rank == 0, log=log)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"precompute: {exc}") from None
+        return 0
     generator = TokenGenerator(model, rt.state, eod=tokenizer.eod,
                                vocab_size=tokenizer.vocab_size, seed=cfg.training.seed,
                                recompute=cfg.textgen.recompute)

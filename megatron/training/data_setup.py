@@ -13,6 +13,7 @@ from megatron.data.data_utils import build_train_valid_test_datasets, get_train_
 from megatron.data.gpt2_dataset import check_token_ids
 from megatron.data.indexed_dataset import make_dataset
 from megatron.data.masks import prepare_lm_batch
+from megatron.data.pairwise_dataset import build_post_training_datasets
 from megatron.data.samplers import build_data_loader
 from megatron.neox_arguments import ConfigError, NeoXConfig
 from megatron.parallel.state import ParallelState
@@ -28,8 +29,20 @@ class SampleBudget:
     test: int
 
 
+def unpacked_data(cfg: NeoXConfig) -> bool:
+    """Whether samples are single documents (post-training data) rather than packed text."""
+    d = cfg.data
+    return d.dataset_impl == "pairwise" or d.pack_impl == "unpacked" \
+        or cfg.posttrain.train_impl == "kto"
+
+
 def _tokens_in_train_split(cfg: NeoXConfig) -> int:
     d = cfg.data
+    if unpacked_data(cfg):  # one sample per document: count documents as samples
+        paths = cfg.posttrain.pos_train_data_paths if d.dataset_impl == "pairwise" \
+            else d.train_data_paths
+        docs = sum(len(make_dataset(p)) for p in paths or [])
+        return docs * cfg.model.seq_length + 1
     if d.train_data_paths:
         return sum(int(make_dataset(p).sizes.sum()) for p in d.train_data_paths)
     assert d.data_path is not None
@@ -63,6 +76,11 @@ def sample_budget(cfg: NeoXConfig) -> SampleBudget:
 def build_datasets(cfg: NeoXConfig, budget: SampleBudget) -> tuple[Any, Any, Any]:
     assert cfg.model.seq_length is not None
     try:
+        if unpacked_data(cfg):
+            return build_post_training_datasets(
+                cfg.data, cfg.posttrain, seq_length=cfg.model.seq_length,
+                seed=cfg.training.seed,
+                train_val_test_num_samples=[budget.train, budget.valid, budget.test])
         sets = build_train_valid_test_datasets(
             cfg.data, seq_length=cfg.model.seq_length, seed=cfg.training.seed,
             train_val_test_num_samples=[budget.train, budget.valid, budget.test],
@@ -131,6 +149,45 @@ def lm_batch(raw: dict[str, torch.Tensor], cfg: NeoXConfig, eod: int,
         attention_mask=mask.to(device) if mask is not None else None,
         position_ids=positions.to(device, non_blocking=True),
     )
+
+
+@dataclass(frozen=True)
+class PreferenceBatch(LMBatch):
+    """A post-training micro batch. With ``paired`` the first half of the rows are the
+    chosen sequences and the second half the rejected ones, pair by pair; ``desirable`` (KTO)
+    marks each row; ``ref_logps`` are precomputed reference log-probabilities per row."""
+
+    paired: bool = False
+    desirable: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+
+def preference_batch(raw: dict[str, torch.Tensor], cfg: NeoXConfig, eod: int,
+                     device: torch.device) -> PreferenceBatch:
+    """The batch of an unpacked or pairwise loader batch: chosen and rejected rows stacked."""
+    paired = "neg_text" in raw
+    merged = dict(raw)
+    if paired:
+        merged["text"] = torch.cat([raw["text"], raw["neg_text"]])
+        merged["label"] = torch.cat([raw["label"], raw["neg_label"]])
+    base = lm_batch(merged, cfg, eod, device)
+    desirable = raw["reward"].reshape(-1).to(device) > 0 if "reward" in raw else None
+    ref = None
+    if "ref_logp" in raw:
+        ref = raw["ref_logp"].reshape(-1)
+        if paired:
+            ref = torch.cat([ref, raw["neg_ref_logp"].reshape(-1)])
+        ref = ref.to(device=device, dtype=torch.float32)
+    return PreferenceBatch(**{f: getattr(base, f) for f in LMBatch.__dataclass_fields__},
+                           paired=paired, desirable=desirable, ref_logps=ref)
+
+
+def make_batch(raw: dict[str, torch.Tensor], cfg: NeoXConfig, eod: int,
+               device: torch.device) -> LMBatch:
+    """The micro batch the configured training method consumes."""
+    if unpacked_data(cfg):
+        return preference_batch(raw, cfg, eod, device)
+    return lm_batch(raw, cfg, eod, device)
 
 
 def take(iterator: Iterator[Any], n: int) -> list[Any]:

@@ -32,7 +32,9 @@ from megatron.parallel.state import ParallelState
 from megatron.training.control import StepGuard
 from megatron.training.data_setup import LMBatch
 from megatron.training.grad_norm import NormClipper, check_grads
+from megatron.training.lora import merged_state_dict
 from megatron.training.lr_schedule import AnnealingLR
+from megatron.training.post_training import Objective
 
 
 class GuardedPipelineLoss:
@@ -96,6 +98,20 @@ class Engine:
         """A line for the log after a checkpoint was written, if the layout has one."""
         return None
 
+    def client_state(self) -> dict[str, Any]:
+        """What the layout adds to a checkpoint's client state (the DPO/KTO reference)."""
+        return {}
+
+    def start(self, client_state: dict[str, Any] | None) -> None:
+        """After any checkpoint is loaded, before the first step: ``client_state`` is the
+        resumed checkpoint's (None when starting: from scratch or a finetune load)."""
+
+    def take_metrics(self, kind: str = "train") -> dict[str, float]:
+        """The method's extra values (rewards, margins, accuracy, KL) averaged over the micro
+        batches since the last call and over the data-parallel replicas; ``kind`` train or
+        eval."""
+        return {}
+
     # ------------------------------------------------------------------ shared
     def train(self) -> None:
         self.ds.train()
@@ -124,12 +140,52 @@ class ModelEngine(Engine):
     """The plain model (every layer on every rank of a pipeline-less layout)."""
 
     _grad_norm: float | None = None
+    objective: Objective | None = None  # post-training methods and z_loss
+    _sums: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def forward_loss(self, batch: LMBatch) -> torch.Tensor:
+        if self.objective is not None:
+            loss, metrics = self.objective.loss(self.ds, batch)
+            sums = self._sums.setdefault("train" if torch.is_grad_enabled() else "eval", {})
+            for k, v in metrics.items():
+                entry = sums.setdefault(k, [0.0, 0.0])
+                entry[0] += float(v)
+                entry[1] += 1.0
+            return loss
         logits = self.ds(batch.tokens, position_ids=batch.position_ids,
                          attention_mask=batch.attention_mask)
         return lm_loss(logits, batch.labels, batch.loss_mask, self.state,
                        fp32=not self.cfg.model.fp16_lm_cross_entropy)
+
+    def take_metrics(self, kind: str = "train") -> dict[str, float]:
+        sums = self._sums.pop(kind, {})
+        names = self.objective.metric_names() if self.objective is not None else ()
+        if not names:
+            return {}
+        # [sum, count] per name; every rank reduces the same list
+        values = torch.tensor([sums.get(k, [0.0, 0.0]) for k in names], dtype=torch.float64)
+        group = self.state.dp_group
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(values, group=group)
+        return {k: float(s / n) for k, (s, n) in zip(names, values.tolist()) if n > 0}
+
+    def client_state(self) -> dict[str, Any]:
+        ref = self.objective.reference if self.objective is not None else None
+        return {} if ref is None else {"reference_model": ref.state_dict()}
+
+    def start(self, client_state: dict[str, Any] | None) -> None:
+        ref = self.objective.reference if self.objective is not None else None
+        if ref is None:
+            return
+        saved = (client_state or {}).get("reference_model")
+        # the reference is the starting model: the one just built or loaded for finetuning,
+        # or, when resuming, the one the run started from (saved with every checkpoint)
+        if saved is None:
+            saved = self.ds.module.state_dict()
+            pt = self.cfg.posttrain
+            if pt.lora_rank > 0:  # the starting model with its adapters folded in
+                saved = merged_state_dict(saved, rank=pt.lora_rank, alpha=pt.lora_alpha)
+        ref.load_state_dict(saved, strict=True)
 
     def train_step(self, batches: Iterator[LMBatch], *, inject: bool,
                    measure_norm: bool) -> float:

@@ -24,12 +24,19 @@ from megatron.training.compile import apply_compile_and_fp8
 from megatron.training.control import StepGuard
 from megatron.training.engine import Engine, GuardedPipelineLoss, ModelEngine, PipelineEngine
 from megatron.training.grad_norm import NormClipper
+from megatron.training.lora import apply_lora
 from megatron.training.lr_schedule import build_lr_scheduler
 from megatron.training.optimizers import (
     build_optimizer,
     check_zero_compat,
     param_groups,
     uses_deepspeed_optimizer,
+)
+from megatron.training.post_training import (
+    Objective,
+    attach_reward_head,
+    frozen,
+    needs_reference,
 )
 from megatron.training.te_layers import apply_transformer_engine
 
@@ -72,11 +79,30 @@ def build_engine(rt: Runtime) -> Engine:
     if is_pipeline:
         loss_hook = GuardedPipelineLoss(
             PipelineLMLoss(rt.state, fp32=not cfg.model.fp16_lm_cross_entropy), guard)
-    model = build_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
-                        padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
-                        tracker=rt.tracker, loss_fn=loss_hook, init_seed=cfg.training.seed)
+    def new_model(loss_fn: Any = None) -> torch.nn.Module:
+        return build_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
+                           padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=rt.state,
+                           tracker=rt.tracker, loss_fn=loss_fn, init_seed=cfg.training.seed)
+
+    model = new_model(loss_hook)
+    objective = None
+    if cfg.posttrain.train_impl != "normal" or cfg.posttrain.z_loss > 0:
+        if cfg.posttrain.train_impl == "rm":
+            attach_reward_head(model, cfg)
+        objective = Objective(cfg, rt.state)
+    pt = cfg.posttrain
+    if pt.lora_rank > 0:
+        adapted = apply_lora(model, rank=pt.lora_rank, alpha=pt.lora_alpha,
+                             dropout=pt.lora_dropout, targets=pt.lora_target_modules,
+                             state=rt.state, seed=cfg.training.seed)
+        if rt.state.rank == 0:
+            print(f"LoRA: rank {pt.lora_rank} adapters on {len(adapted)} layers; "
+                  "the base weights are frozen", flush=True)
     model.to(rt.device)
     apply_transformer_engine(model, cfg)  # te_* keys (no-op when unset)
+    if objective is not None and needs_reference(cfg):
+        # the starting model's weights are copied in by Engine.start, after any load
+        objective.reference = frozen(new_model().to(rt.device))
     apply_compile_and_fp8(model, cfg)  # torch_compile / fp8_training (no-op when unset)
     zero_stage = int((cfg.ds.zero_optimization or {}).get("stage", 0))
     try:
@@ -103,4 +129,4 @@ def build_engine(rt: Runtime) -> Engine:
               "state": rt.state, "cfg": cfg, "clipper": clipper}
     if is_pipeline:
         return PipelineEngine(**common, loss_hook=loss_hook)
-    return ModelEngine(**common)
+    return ModelEngine(**common, objective=objective)

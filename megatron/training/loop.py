@@ -28,8 +28,8 @@ from megatron.training.data_setup import (
     SampleBudget,
     build_datasets,
     cycle_from,
-    lm_batch,
     loader,
+    make_batch,
     sample_budget,
 )
 from megatron.training.engine import Engine
@@ -76,6 +76,7 @@ class Trainer:
             self.stop.disable()
         self.inject = set(self.cfg.training.inject_nonfinite_loss_iters or ())
         self.started = time.time()
+        self.resumed_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def config_files(self) -> dict[str, str]:
@@ -94,7 +95,8 @@ class Trainer:
                                         save_rng=not ck.no_save_rng,
                                         layout=run_layout(self.cfg, self.rt.state)),
             iteration=self.progress.iteration,
-            client_state=self.progress.client_state(self.engine.scheduler),
+            client_state={**self.progress.client_state(self.engine.scheduler),
+                          **self.engine.client_state()},
             tracker=self.rt.tracker, config_files=self.config_files(),
             kill_before_complete=self.progress.iteration in
             (self.cfg.training.inject_kill_during_save_iters or ()))
@@ -116,6 +118,7 @@ class Trainer:
         if loaded is None or ck.finetune:
             return
         cs = loaded.client_state
+        self.resumed_state = cs
         p = self.progress
         p.iteration = self.loaded_iteration = loaded.iteration
         p.consumed_train_samples = int(cs.get("consumed_train_samples",
@@ -146,7 +149,7 @@ class Trainer:
     def _micro_batches(self, it: Iterator[dict[str, torch.Tensor]]) -> Iterator[LMBatch]:
         eod = self.tokenizer.eod
         for raw in it:
-            yield lm_batch(raw, self.cfg, eod, self.rt.device)
+            yield make_batch(raw, self.cfg, eod, self.rt.device)
 
     def train_step(self, batches: Iterator[LMBatch]) -> tuple[float, bool]:
         """One optimizer step; returns its loss and whether the step guard skipped it."""
@@ -171,7 +174,8 @@ class Trainer:
         loss = eng.mean_loss(sum(losses) / max(1, len(losses)))
         if name == "validation":
             self.progress.consumed_valid_samples += t.eval_iters * (t.train_batch_size or 0)
-        self.metrics.log_eval(self.progress.iteration, loss, split=name)
+        self.metrics.log_eval(self.progress.iteration, loss, split=name,
+                              extra=eng.take_metrics("eval"))
         return loss
 
     # ------------------------------------------------------------------ the loop
@@ -253,7 +257,7 @@ class Trainer:
             p.iteration, lm_loss=loss, lr=eng.scheduler.get_lr(), grad_norm=eng.grad_norm(),
             loss_scale=eng.loss_scale(), step_time_s=elapsed / max(1, p.interval_iters),
             skipped_iters=p.skipped_iters, consumed_samples=p.consumed_train_samples,
-            elapsed_s=time.time() - self.started,
+            elapsed_s=time.time() - self.started, extra=eng.take_metrics(),
         )
         if self.cfg.ds.wall_clock_breakdown:
             self.metrics.info(eng.timers.breakdown_line(normalizer=max(1, p.interval_iters)))
@@ -275,6 +279,7 @@ def train(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
     engine = build_engine(rt)
     trainer = Trainer(rt, engine, budget, metrics, stop)
     trainer.load()
+    engine.start(trainer.resumed_state)
     train_set, valid_set, test_set = build_datasets(rt.cfg, budget)
     try:
         reason = trainer.train(train_set, valid_set)

@@ -1,0 +1,223 @@
+"""Post-training methods learn the synthetic preference task of the bundled corpus (prefer the
+real continuation of a prompt over its characters shuffled), in process on one rank with a
+tiny model: DPO raises the margin and held-out accuracy; a reward model ranks held-out
+pairs; SFT on chat data leaves the user turns untrained."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from megatron.data.pairwise_dataset import build_post_training_datasets
+from megatron.data.preprocess.post_training import ChatTemplate, chat_tokens
+from megatron.model import GPTModel
+from megatron.neox_arguments import RunFacts, merge_configs, resolve_config
+from megatron.parallel import ParallelState
+from megatron.tokenizer import build_tokenizer
+from megatron.training.data_setup import PreferenceBatch, preference_batch
+from megatron.training.post_training import (
+    Objective,
+    attach_reward_head,
+    frozen,
+    precompute_reference_logps,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from posttrain_helpers import pairwise_values, write_pairwise  # noqa: E402
+
+SEQ = 48  # prompt 20 + completion 20 + eod
+PAIRS_TRAIN, PAIRS_VALID = 3000, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matrices: extra intra-op threads only add overhead on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("pairs")
+    return pairwise_values(write_pairwise(d, "train", PAIRS_TRAIN, 11),
+                           write_pairwise(d, "valid", PAIRS_VALID, 12))
+
+
+def _config(**values: Any):
+    base = {"num_layers": 2, "hidden_size": 48, "num_attention_heads": 4, "seq_length": SEQ,
+            "max_position_embeddings": SEQ, "train_micro_batch_size_per_gpu": 16,
+            "tokenizer_type": "CharLevelTokenizer", "make_vocab_size_divisible_by": 8,
+            "hidden_dropout": 0.0, "attention_dropout": 0.0, "pos_emb": "rotary",
+            "norm": "layernorm", "no_weight_tying": True}
+    merged = merge_configs([("test", {**base, **values})])
+    cfg = resolve_config(merged, RunFacts(world_size=1, launching=False, purpose=None))
+    return cfg.with_vocab_size(build_tokenizer("CharLevelTokenizer").vocab_size)
+
+
+def _model(cfg, state) -> GPTModel:
+    return GPTModel(cfg.model, cfg.act_ckpt, padded_vocab_size=cfg.tokenizer.padded_vocab_size,
+                    state=state, init_seed=5)
+
+
+def _batches(dataset, cfg, size: int):
+    eod = build_tokenizer("CharLevelTokenizer").eod
+    loader = torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)
+    for raw in loader:
+        yield preference_batch(raw, cfg, eod, torch.device("cpu"))
+
+
+def _train(impl: str, pairs: dict[str, Any], steps: int, lr: float,
+           start: GPTModel | None = None, **extra: Any):
+    """Train ``steps`` micro batches of 16 (from ``start``'s weights if given); returns the
+    model, the train values per step and the held-out values before and after."""
+    cfg = _config(train_impl=impl, **pairs, **extra)
+    state = ParallelState.single()
+    model = _model(cfg, state)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
+    if impl == "rm":
+        torch.manual_seed(0)
+        attach_reward_head(model, cfg)
+    reference = None
+    if impl == "dpo":
+        reference = frozen(_model(cfg, state))
+        reference.load_state_dict(model.state_dict())
+    objective = Objective(cfg, state, reference)
+    train, valid, _ = build_post_training_datasets(
+        cfg.data, cfg.posttrain, seq_length=SEQ, seed=3,
+        train_val_test_num_samples=[steps * 16, PAIRS_VALID, 0])
+
+    def held_out() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            batch = next(_batches(valid, cfg, PAIRS_VALID))  # every held-out pair once
+            _, metrics = objective.loss(model, batch)
+        model.train()
+        return {k: float(v) for k, v in metrics.items()}
+
+    before = held_out() if impl != "normal" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    history = []
+    for batch in _batches(train, cfg, 16):
+        if impl == "normal":  # SFT on the chosen side only
+            batch = PreferenceBatch(tokens=batch.tokens[:16], labels=batch.labels[:16],
+                                    loss_mask=batch.loss_mask[:16], attention_mask=None,
+                                    position_ids=batch.position_ids[:16])
+        loss, metrics = objective.loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({"loss": float(loss.detach()),
+                        **{k: float(v) for k, v in metrics.items()}})
+    return model, history, before, held_out() if impl != "normal" else {}
+
+
+def test_dpo_raises_margin_and_held_out_accuracy(pairs):
+    _, history, before, after = _train("dpo", pairs, steps=40, lr=3e-3, dpo_beta=0.1)
+    # the policy starts as the reference: every reward is 0, no pair is ranked right
+    assert before["rewards_margin"] == 0.0 and before["rewards_accuracy"] == 0.0
+    assert history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    first = sum(h["rewards_margin"] for h in history[:5]) / 5
+    last = sum(h["rewards_margin"] for h in history[-5:]) / 5
+    assert last > first + 0.5, (first, last)
+    assert after["rewards_margin"] > 0.5
+    assert after["rewards_accuracy"] > 0.8, after
+
+
+def test_reward_model_ranks_held_out_pairs(pairs):
+    # as usual for reward models, start from a language model fine-tuned on the chosen side
+    sft, sft_history, _, _ = _train("normal", pairs, steps=80, lr=3e-3)
+    assert sft_history[-1]["loss"] < sft_history[0]["loss"] - 1.0
+    _, history, before, after = _train("rm", pairs, steps=150, lr=1e-3, start=sft,
+                                       rm_pooling="mean")
+    assert before["rewards_accuracy"] < 0.9  # the head starts untrained
+    first = sum(h["loss"] for h in history[:10]) / 10
+    last = sum(h["loss"] for h in history[-10:]) / 10
+    assert last < first - 0.2, (first, last)
+    assert after["rewards_accuracy"] > 0.9, after
+
+
+CHATML = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
+          "+ '\\n' }}{% endfor %}")
+
+
+def test_sft_on_chat_data_leaves_user_turns_untrained():
+    tok = build_tokenizer("CharLevelTokenizer")
+    template = ChatTemplate("test", CHATML)
+    chats = [[{"role": "user", "content": "name a keyword"},
+              {"role": "assistant", "content": "lambda"},
+              {"role": "user", "content": "another one"},
+              {"role": "assistant", "content": "yield"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "hello there"}]]
+    seq = 96
+    texts, labels = [], []
+    for chat in chats:
+        t, lab = chat_tokens(chat, template, tok, append_eod=True)
+        pad = seq + 1 - len(t)
+        texts.append(t + [0] * pad)
+        labels.append(lab + [-100] * pad)
+    cfg = _config(seq_length=seq, max_position_embeddings=seq)
+    raw = {"text": torch.tensor(texts), "label": torch.tensor(labels)}
+    batch = preference_batch(raw, cfg, tok.eod, torch.device("cpu"))
+    state = ParallelState.single()
+    model = _model(cfg, state)
+    captured = {}
+
+    def forward(tokens, **kwargs):
+        logits = model(tokens, **kwargs)
+        logits.retain_grad()
+        captured["logits"] = logits
+        return logits
+
+    loss, _ = Objective(cfg, state).loss(forward, batch)
+    loss.backward()
+    grad = captured["logits"].grad
+    untrained = batch.loss_mask == 0
+    # the positions that predict user, system and template tokens get no gradient at all
+    assert untrained.sum() > 0 and (grad[untrained] == 0).all()
+    per_position = grad.abs().sum(-1)
+    assert (per_position[~untrained] > 0).all()
+    # and what is trained is exactly the assistant text
+    trained_targets = batch.labels[batch.loss_mask > 0].tolist()
+    text = tok.detokenize([t for t in trained_targets if t != tok.eod])
+    assert "lambda" in text and "yield" in text and "hello there" in text
+    assert "keyword" not in text and "be brief" not in text and "hi" not in text.replace(
+        "hello there", "")
+
+
+def test_precomputed_reference_equals_the_frozen_copy(tmp_path):
+    data = pairwise_values(write_pairwise(tmp_path, "train", 24, 31),
+                           write_pairwise(tmp_path, "valid", 8, 32))
+    cfg = _config(train_impl="dpo", precompute_model_name="start", **data)
+    state = ParallelState.single()
+    start = frozen(_model(cfg, state))
+    eod = build_tokenizer("CharLevelTokenizer").eod
+    written = precompute_reference_logps(start, cfg, state, eod, torch.device("cpu"),
+                                         write=True, log=lambda _: None)
+    assert written[0] == data["pos_train_data_paths"][0] + "_start_ref"
+    assert len(written) == 4  # chosen and rejected of train and valid
+    train, _, _ = build_post_training_datasets(
+        cfg.data, cfg.posttrain, seq_length=SEQ, seed=3, train_val_test_num_samples=[24, 8, 0])
+    batch = next(_batches(train, cfg, 12))
+    assert batch.ref_logps is not None and batch.ref_logps.shape == (24,)
+    policy = _model(cfg, state)
+    with torch.no_grad():  # move the policy away from the reference
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg_live = _config(train_impl="dpo", **data)
+    live = Objective(cfg_live, state, start)
+    stored = Objective(cfg, state)
+    loss_live, m_live = live.loss(policy, dataclasses.replace(batch, ref_logps=None))
+    loss_stored, m_stored = stored.loss(policy, batch)
+    assert float(m_live["rewards_margin"]) != 0.0
+    assert abs(float(loss_live.detach()) - float(loss_stored.detach())) < 1e-6
+    for k in ("rewards_chosen", "rewards_rejected", "kl_chosen"):
+        assert abs(float(m_live[k]) - float(m_stored[k])) < 1e-6
