@@ -26,6 +26,7 @@ import torch
 
 from megatron.logging.timers import Timers
 from megatron.model import lm_loss
+from megatron.model.moe import collect_moe_metrics, moe_blocks
 from megatron.model.pipeline import PipelineLMLoss
 from megatron.neox_arguments import NeoXConfig
 from megatron.parallel.state import ParallelState
@@ -97,6 +98,24 @@ class Engine:
         return None
 
     # ------------------------------------------------------------------ shared
+    def prepare_moe_step(self) -> None:
+        """Tell the MoE blocks what backward multiplies the loss by (1 / accumulation steps,
+        times the fp16 loss scale), so their auxiliary losses get the same factor."""
+        blocks = moe_blocks(self.ds.module)
+        if not blocks:
+            return
+        gas = self.cfg.training.gradient_accumulation_steps or 1
+        scale = (self.loss_scale() or 1.0) / gas
+        for block in blocks:
+            block.aux_loss_scale = scale
+
+    def moe_metrics(self) -> dict[str, float]:
+        """Routing statistics since the last call, over every MoE layer and rank: mean
+        auxiliary and z-loss per layer and forward pass, tokens per expert (min, max,
+        imbalance = max / mean) and the fraction of dropped assignments. Collective (every
+        rank calls it); empty for a dense model."""
+        return collect_moe_metrics(self.ds.module, self.state, self.cfg.model)
+
     def train(self) -> None:
         self.ds.train()
 
@@ -135,6 +154,7 @@ class ModelEngine(Engine):
                    measure_norm: bool) -> float:
         gas = self.cfg.training.gradient_accumulation_steps or 1
         timers = self.timers if self.cfg.ds.wall_clock_breakdown else None
+        self.prepare_moe_step()
         losses = []
         for i in range(gas):
             with _timed(timers, "data"):
@@ -214,6 +234,7 @@ class PipelineEngine(Engine):
                    measure_norm: bool) -> float:
         if self.loss_hook is not None:
             self.loss_hook.inject = inject
+        self.prepare_moe_step()
         loss = self.ds.train_batch(data_iter=self._stage_inputs(batches))
         return float(loss.detach().float())
 
