@@ -1,9 +1,11 @@
 """Expert parallelism against the same run without it, from the same seed, on gloo ranks:
 per-step losses of EP=2 equal EP=1 (fp32, 1e-5 relative) for the plain model under ZeRO 0,
-1 and 2, with tensor parallelism (TP=2) and with the pipeline (PP=2); the weights end equal."""
+1 and 2, with tensor parallelism (TP=2) and with the pipeline (PP=2); the weights end equal.
+A DeepSpeed checkpoint written at EP=1 resumes exactly at EP=2."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,7 +45,10 @@ def _micro(step: int, dp_rank: int, micro: int) -> tuple[tuple, tuple]:
     return (tokens, positions, mask), (labels, loss_mask)
 
 
-def _train(world: int, tp: int, pp: int, ep: int, zero: int) -> dict[str, Any]:
+def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = None,
+           load: str | None = None) -> dict[str, Any]:
+    """``STEPS`` steps of one layout; ``save`` writes a checkpoint after the first step,
+    ``load`` starts from that checkpoint (and runs the remaining steps)."""
     import deepspeed
 
     cfg = make_config(world_size=world, model_parallel_size=tp, pipe_parallel_size=pp,
@@ -57,8 +62,14 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int) -> dict[str, Any]:
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
         config=_ds_config(state.dp_size, zero), mpu=None if pp else state,
     )  # fmt: skip
+    first = 0
+    if load is not None:
+        engine.load_checkpoint(load, tag="step1")
+        first = 1
     losses = []
-    for step in range(STEPS):
+    for step in range(first, STEPS):
+        if save is not None and step == 1:
+            engine.save_checkpoint(save, tag="step1")
         if pp:
             data = iter([_micro(step, state.dp_rank, m) for m in range(MICRO)])
             losses.append(float(engine.train_batch(data_iter=data)))
@@ -77,11 +88,16 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int) -> dict[str, Any]:
     return {"losses": losses, "experts": experts}
 
 
-def _compare_runs(rank: int, world: int, layouts: list[tuple[int, int, int, int]]) -> list:
+def _compare_runs(rank: int, world: int, layouts: list[tuple],
+                  checkpoint_dir: str | None = None) -> list:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    return [_train(world, *layout) for layout in layouts]
+    out = [_train(world, *layout) for layout in layouts]
+    if checkpoint_dir is not None:  # saved with EP=1, resumed with EP=2
+        out.append(_train(world, 1, 0, 1, 1, save=checkpoint_dir))
+        out.append(_train(world, 1, 0, 2, 1, load=checkpoint_dir))
+    return out
 
 
 def _check_equal(out: list, reference: int, others: list[int]) -> None:
@@ -97,11 +113,17 @@ def _check_equal(out: list, reference: int, others: list[int]) -> None:
 
 
 @pytest.mark.distributed
-def test_expert_parallel_matches_without_under_zero_0_1_2() -> None:
+def test_expert_parallel_matches_without_under_zero_0_1_2(tmp_path: Path) -> None:
     # (tp, pp, ep, zero): EP=1 ZeRO 0 is the reference
     layouts = [(1, 0, 1, 0), (1, 0, 2, 0), (1, 0, 2, 1), (1, 0, 2, 2)]
-    out = run_distributed(_compare_runs, 2, layouts, timeout=300)
-    _check_equal(out, 0, [1, 2, 3])
+    out = run_distributed(_compare_runs, 2, layouts, str(tmp_path), timeout=300)
+    _check_equal([o[:4] for o in out], 0, [1, 2, 3])
+    for rank_out in out:  # a checkpoint written at EP=1 resumes exactly at EP=2
+        saved, resumed = rank_out[4], rank_out[5]
+        assert_close(torch.tensor(resumed["losses"]), torch.tensor(saved["losses"][1:]),
+                     rtol=1e-5, atol=0)
+        for name, value in saved["experts"].items():
+            assert_close(resumed["experts"][name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.distributed
