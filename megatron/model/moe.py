@@ -53,7 +53,7 @@ from megatron.model.args import ModelArgs, mlp_width
 from megatron.model.init_methods import InitFn
 from megatron.model.router import Router
 from megatron.parallel.experts import ExpertExchange
-from megatron.parallel.layers import master_weight, split_tensor
+from megatron.parallel.layers import master_weight, set_tensor_parallel_attributes, split_tensor
 from megatron.parallel.mappings import (
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
@@ -188,10 +188,8 @@ class MoEMLP(nn.Module):
             w_out.append(split_tensor(down, 1, state.tp_size, state.tp_rank))
         self.w_in = nn.Parameter(torch.stack(w_in))
         self.w_out = nn.Parameter(torch.stack(w_out))
-        for p in (self.w_in, self.w_out):
-            p.tensor_model_parallel = state.tp_size > 1  # type: ignore[attr-defined]
-            p.partition_dim = 1 if p is self.w_in else 2  # type: ignore[attr-defined]
-            p.partition_stride = stride if p is self.w_in else 1  # type: ignore[attr-defined]
+        set_tensor_parallel_attributes(self.w_in, state.tp_size > 1, 1, stride)
+        set_tensor_parallel_attributes(self.w_out, state.tp_size > 1, 2)
         self.exchange = ExpertExchange(state, self.local_experts)
 
     # ------------------------------------------------------------------ helpers

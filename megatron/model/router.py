@@ -28,7 +28,7 @@ from torch import nn
 
 from megatron.model.args import ModelArgs
 from megatron.model.init_methods import InitFn
-from megatron.parallel.layers import master_weight
+from megatron.parallel.layers import master_weight, set_tensor_parallel_attributes
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Router(nn.Module):
         self.z_loss_coeff = model.moe_z_loss_coeff
         weight = master_weight((self.num_experts, model.hidden_size), init_method)
         self.weight = nn.Parameter(weight)
+        set_tensor_parallel_attributes(self.weight, False)  # replicated
 
     def forward(self, x: torch.Tensor) -> Routing:
         """``x [T, h]`` (every token of this rank, full hidden size) -> :class:`Routing`."""
