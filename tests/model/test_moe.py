@@ -216,3 +216,34 @@ def test_moe_model_trains_with_checkpointing() -> None:
     sums = block.stats.totals()
     assert sums is not None and int(sums[0]) in (1, 2)  # a recompute adds the same pass
     assert int(sums[4:].sum()) == int(sums[0]) * 2 * 16 * 2  # tokens x top_k per pass
+
+
+def test_moe_model_in_the_eval_adapter_and_kv_cache() -> None:
+    from dataclasses import dataclass
+
+    from megatron.evaluation.adapter import NeoXEvalAdapter
+    from megatron.text_generation import TokenGenerator
+    from megatron.tokenizer import build_tokenizer
+
+    cfg = make_config(moe_num_experts=4, moe_top_k=2, moe_router_type="sinkhorn",
+                      max_position_embeddings=64)
+    model = build(cfg, seed=4, padded_vocab=512).eval()  # room for the character ids
+    tokens = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_kv_cache(batch_size=1)
+        steps = [model(tokens[:, :5], kv_cache=cache)]
+        steps += [model(tokens[:, i:i + 1], kv_cache=cache) for i in range(5, 12)]
+    assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+    @dataclass
+    class Request:
+        args: tuple
+
+    tok = build_tokenizer("CharLevelTokenizer")
+    gen = TokenGenerator(model, ParallelState.single(), eod=0, vocab_size=512)
+    requests = [Request(("ab", "cd")), Request(("hello", " x"))]
+    one = NeoXEvalAdapter(gen, tok, batch_size=1).loglikelihood(requests)
+    both = NeoXEvalAdapter(gen, tok, batch_size=2).loglikelihood(requests)
+    for (a, _), (b, _) in zip(one, both):
+        assert a == pytest.approx(b, abs=1e-5) and a < 0
