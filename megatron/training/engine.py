@@ -70,6 +70,7 @@ class Engine:
     cfg: NeoXConfig
     timers: Timers = field(default_factory=Timers)
     clipper: NormClipper | None = None
+    _moe_blocks: list | None = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ the interface
     @property
@@ -101,7 +102,9 @@ class Engine:
     def prepare_moe_step(self) -> None:
         """Tell the MoE blocks what backward multiplies the loss by (1 / accumulation steps,
         times the fp16 loss scale), so their auxiliary losses get the same factor."""
-        blocks = moe_blocks(self.ds.module)
+        if self._moe_blocks is None:  # found once: the model's modules do not change
+            self._moe_blocks = moe_blocks(self.ds.module)
+        blocks = self._moe_blocks
         if not blocks:
             return
         gas = self.cfg.training.gradient_accumulation_steps or 1
