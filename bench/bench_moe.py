@@ -156,7 +156,8 @@ def main() -> None:
     dense = cases[0]["step_time_s"]
     for c in cases:
         c["vs_dense"] = c["step_time_s"] / dense
-    result = {"settings": vars(args), "cases": cases, "time": time.time(),
+    settings = {**vars(args), "output": os.path.relpath(args.output, ROOT)}
+    result = {"settings": settings, "cases": cases, "time": time.time(),
               "load_average": list(os.getloadavg())}
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'case':10} {'step s':>8} {'vs dense':>9} {'tokens/s/rank':>14} {'a2a share':>10} "
