@@ -1,5 +1,8 @@
 """Parameter counts and training FLOPs of the GPT model, from its config alone.
 
+Mixture-of-experts layers count every expert once in :func:`parameter_count`; the FLOPs use
+the active parameters (the router and ``moe_top_k`` experts per token).
+
 Used by the dry-run summary, the MFU in the training logs and the benchmarks, so all of them
 count the same way. The FLOPs count multiply-adds as 2 FLOPs and follow the usual
 transformer accounting: every weight matrix costs 2 FLOPs per token per parameter forward and
@@ -19,6 +22,7 @@ from megatron.model.args import (
     ModelArgs,
     attention_layer_types,
     gmlp_width,
+    is_moe_layer,
     mamba_dt_rank,
     mamba_inner_width,
     mlp_width,
@@ -58,10 +62,14 @@ class ModelShape:
     def qkv_out(self) -> int:
         return (self.heads + 2 * self.kv_heads) * self.head_dim
 
+    def attention_matmul_params(self) -> int:
+        return self.hidden * self.qkv_out + self.heads * self.head_dim * self.hidden
+
+    def mlp_matmul_params(self) -> int:
+        return self.hidden * self.ffn * (2 if self.gated else 1) + self.ffn * self.hidden
+
     def layer_matmul_params(self) -> int:
-        attn = self.hidden * self.qkv_out + self.heads * self.head_dim * self.hidden
-        mlp = self.hidden * self.ffn * (2 if self.gated else 1) + self.ffn * self.hidden
-        return attn + mlp
+        return self.attention_matmul_params() + self.mlp_matmul_params()
 
 
 def _norm_params(model: ModelArgs, dim: int) -> int:
@@ -164,6 +172,14 @@ def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     else:
         layer_total = unique_layers * per_layer
     total = layer_total + norm  # + final norm
+    # a mixture-of-experts layer: every expert once (no biases) and the router, instead of
+    # the dense MLP and its biases (layers without attention have no MLP)
+    mlp_biases = s.ffn * (2 if s.gated else 1) + s.hidden if model.use_bias_in_mlp else 0
+    experts = model.moe_num_experts
+    moe_mlp = experts * s.mlp_matmul_params() + experts * s.hidden
+    total += sum(1 for d in _unique_depths(model)
+                 if is_moe_layer(model, d) and kinds[d] not in MIXER_TYPES) * (
+        moe_mlp - s.mlp_matmul_params() - mlp_biases)
     total += s.vocab * s.hidden  # input embedding
     if model.no_weight_tying:
         total += s.vocab * s.hidden
@@ -173,6 +189,28 @@ def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     if model.pos_emb == "rpe":
         total += model.rpe_num_buckets * s.heads
     return total
+
+
+def _unique_depths(model: ModelArgs) -> list[int]:
+    """The depth each distinct layer is built for (the first depth that uses it)."""
+    assert model.num_layers is not None
+    unique = model.num_unique_layers or model.num_layers
+    if model.param_sharing_style == "spaced" or unique == model.num_layers:
+        return list(range(unique))
+    repeat = model.num_layers // unique
+    return [u * repeat for u in range(unique)]
+
+
+def active_parameter_count(model: ModelArgs, padded_vocab: int) -> int:
+    """Parameters one token uses: :func:`parameter_count` with each mixture-of-experts layer
+    holding only its ``moe_top_k`` chosen experts (and the router)."""
+    total = parameter_count(model, padded_vocab)
+    if model.moe_num_experts <= 1:
+        return total
+    s = ModelShape.from_config(model, padded_vocab)
+    idle = model.moe_num_experts - min(model.moe_top_k, model.moe_num_experts)
+    moe_layers = sum(1 for d in _unique_depths(model) if is_moe_layer(model, d))
+    return total - moe_layers * idle * s.mlp_matmul_params()
 
 
 def flops_per_token(model: ModelArgs, padded_vocab: int, *, recompute: bool = False) -> float:
@@ -196,8 +234,13 @@ def flops_per_token(model: ModelArgs, padded_vocab: int, *, recompute: bool = Fa
     """
     s = ModelShape.from_config(model, padded_vocab)
     layer_forward = 2.0 * s.layer_matmul_params() + 4.0 * s.seq * s.heads * s.head_dim
-    layers_forward = sum(_mixer_forward_flops(model, k) if k in MIXER_TYPES else layer_forward
-                         for k in _layer_kinds(model))
+    kinds = _layer_kinds(model)
+    # a mixture-of-experts layer runs the router and moe_top_k experts per token
+    moe_extra = 2.0 * (max(0, model.moe_top_k - 1) * s.mlp_matmul_params()
+                       + s.hidden * model.moe_num_experts)
+    layers_forward = sum(_mixer_forward_flops(model, k) if k in MIXER_TYPES else
+                         layer_forward + (moe_extra if is_moe_layer(model, d) else 0.0)
+                         for d, k in enumerate(kinds))
     forward = layers_forward + 2.0 * s.hidden * s.vocab
     total = 3.0 * forward
     if recompute:

@@ -2,7 +2,9 @@
 
 Architectures: ``neox`` (``GPTNeoXForCausalLM``), ``llama`` (``LlamaForCausalLM``),
 ``mistral`` (``MistralForCausalLM``: Llama with every layer a sliding-window layer) and
-``mamba`` (``MambaForCausalLM``, in :mod:`megatron.conversion.hf_mamba`).
+``mamba`` (``MambaForCausalLM``, in :mod:`megatron.conversion.hf_mamba`) and
+``mixtral`` (``MixtralForCausalLM``: Mistral-style attention with a mixture-of-experts MLP in
+every layer).
 
 * :func:`export_architecture` checks that a config can be expressed by the HF class (one-line
   :class:`ConversionError` naming the key otherwise); :func:`hf_config` builds its config;
@@ -17,6 +19,10 @@ separate ``q_proj``/``k_proj``/``v_proj`` go into the fused weight group by grou
 ``[gate; up]``. Both HF families use rotate-half rotary embeddings on the first rotary
 dimensions of each head, as this model does, so no permutation of q/k rows is needed.
 GPT-NeoX always has LayerNorm biases and MLP biases: a model without them exports zeros there.
+Mixtral's router (``block_sparse_moe.gate``) is this model's ``mlp.router``; expert ``e``'s
+``w1`` (gate) and ``w3`` (up) are the two halves of ``mlp.w_in[e]`` and ``w2`` is
+``mlp.w_out[e]``. Weights are written in the per-expert layout Mixtral checkpoints use on disk;
+reading also accepts the fused ``mlp.experts.gate_up_proj`` / ``down_proj`` layout.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from megatron.model.args import ModelArgs, attention_layer_types, mlp_width
 
 StateDict = dict[str, torch.Tensor]
 
-ARCHITECTURES = ("neox", "llama", "mistral", "mamba")
+ARCHITECTURES = ("neox", "llama", "mistral", "mamba", "mixtral")
 HF_CLASSES = {"neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
-              "mistral": "MistralForCausalLM", "mamba": "MambaForCausalLM"}
-MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", "mistral": "mistral", "mamba": "mamba"}
+              "mistral": "MistralForCausalLM", "mamba": "MambaForCausalLM",
+              "mixtral": "MixtralForCausalLM"}
+MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", "mistral": "mistral", "mamba": "mamba",
+               "mixtral": "mixtral"}
 
 # this framework's activation -> HF hidden_act
 PLAIN_ACTS = {"gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "mish": "mish"}
@@ -75,6 +83,11 @@ def export_architecture(model: ModelArgs, architecture: str) -> str:
     _require(not model.use_qk_layernorm, "use_qk_layernorm", f"not expressible by {name}")
     kinds = {"global" if k == "flash" else k
              for k in attention_layer_types(model.attention_config, model.num_layers)}
+    if architecture == "mixtral":
+        return _export_mixtral(model, kinds)
+    _require(model.moe_num_experts == 1, "moe_num_experts",
+             f"mixture-of-experts layers cannot be expressed by {name} "
+             "(use --architecture mixtral)")
     if architecture == "llama" and kinds == {"local"}:
         architecture, name = "mistral", HF_CLASSES["mistral"]
     if architecture == "mistral":
@@ -111,12 +124,33 @@ def export_architecture(model: ModelArgs, architecture: str) -> str:
     return architecture
 
 
+def _export_mixtral(model: ModelArgs, kinds: set[str]) -> str:
+    name = HF_CLASSES["mixtral"]
+    _require(model.moe_num_experts > 1, "moe_num_experts",
+             f"{name} needs mixture-of-experts layers (moe_num_experts > 1)")
+    _require(model.moe_expert_interval == 1, "moe_expert_interval",
+             f"{name} has a mixture-of-experts MLP in every layer (moe_expert_interval 1)")
+    _require(model.moe_router_type == "topk", "moe_router_type",
+             f"{name} routes with top-k softmax (moe_router_type topk)")
+    _require(not model.moe_token_dropping, "moe_token_dropping", f"{name} drops no tokens")
+    _require(kinds == {"global"} or (kinds == {"local"} and model.sliding_window_width),
+             "attention_config", f"{name} uses one attention kind in every layer")
+    _require(model.norm == "rmsnorm", "norm", f"{model.norm} cannot be expressed by {name}")
+    _require(model.activation in GATED_ACTS, "activation",
+             f"{model.activation} cannot be expressed by {name} (gated MLP)")
+    _require(model.rotary_pct == 1.0, "rotary_pct", f"partial rotary is not in {name}")
+    _require(not model.gpt_j_residual, "gpt_j_residual", f"not expressible by {name}")
+    _require(not model.use_bias_in_attn_linear, "use_bias_in_attn_linear",
+             f"{name} has no attention biases")
+    return "mixtral"
+
+
 # ------------------------------------------------------------------ HF config
 def hf_config(model: ModelArgs, architecture: str, *, vocab_size: int,
               special: Mapping[str, int | None], dtype: torch.dtype) -> Any:
     """The ``transformers`` config of the exported model (``architecture`` as returned by
     :func:`export_architecture`)."""
-    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig
+    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, MixtralConfig
 
     if architecture == "mamba":
         return hf_mamba.hf_config(model, vocab_size=vocab_size, special=special, dtype=dtype)
@@ -153,6 +187,15 @@ def hf_config(model: ModelArgs, architecture: str, *, vocab_size: int,
     }  # fmt: skip
     if architecture == "mistral":
         return MistralConfig(**common, **llama_like, sliding_window=model.sliding_window_width)
+    if architecture == "mixtral":
+        local = model.attention_config is not None and "local" in attention_layer_types(
+            model.attention_config, model.num_layers)
+        return MixtralConfig(
+            **common, **llama_like, num_local_experts=model.moe_num_experts,
+            num_experts_per_tok=model.moe_top_k, router_aux_loss_coef=model.moe_aux_loss_coeff,
+            router_jitter_noise=float(model.moe_jitter_eps or 0.0), output_router_logits=False,
+            sliding_window=model.sliding_window_width if local else None,
+        )  # fmt: skip
     return LlamaConfig(**common, **llama_like, attention_bias=model.use_bias_in_attn_linear,
                        mlp_bias=model.use_bias_in_mlp)
 
@@ -203,8 +246,8 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], model: ModelArgs,
         ln2_name = src + "post_attention_layernorm."
         ln2_src = ln2_name if ln2_name + "weight" in sd else src + "input_layernorm."
         qkv_w = sd[src + "attention.query_key_value.weight"]
-        up_w = sd[src + "mlp.dense_h_to_4h.weight"]
         if neox:
+            up_w = sd[src + "mlp.dense_h_to_4h.weight"]
             for norm, origin in (("input_layernorm.", src + "input_layernorm."),
                                  ("post_attention_layernorm.", ln2_src)):
                 out[dst + norm + "weight"] = sd[origin + "weight"]
@@ -232,6 +275,10 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], model: ModelArgs,
             for proj, t in zip(("q_proj", "k_proj", "v_proj"), _qkv_to_llama(qkv_b, model)):
                 out[dst + f"self_attn.{proj}.bias"] = t
             out[dst + "self_attn.o_proj.bias"] = sd[src + "attention.dense.bias"]
+        if architecture == "mixtral":
+            out.update(_experts_to_mixtral(sd, src, dst, model))
+            continue
+        up_w = sd[src + "mlp.dense_h_to_4h.weight"]
         gate, up = up_w.chunk(2, dim=0)
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
         out[dst + "mlp.down_proj.weight"] = sd[src + "mlp.dense_4h_to_h.weight"]
@@ -247,6 +294,38 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], model: ModelArgs,
     if model.no_weight_tying:
         out["embed_out.weight" if neox else "lm_head.weight"] = sd["output_layer.weight"]
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _experts_to_mixtral(sd: Mapping[str, torch.Tensor], src: str, dst: str,
+                        model: ModelArgs) -> StateDict:
+    out: StateDict = {dst + "block_sparse_moe.gate.weight": sd[src + "mlp.router.weight"]}
+    w_in, w_out = sd[src + "mlp.w_in"], sd[src + "mlp.w_out"]
+    for e in range(model.moe_num_experts):
+        gate, up = w_in[e].chunk(2, dim=0)
+        name = f"{dst}block_sparse_moe.experts.{e}."
+        out[name + "w1.weight"], out[name + "w3.weight"] = gate, up
+        out[name + "w2.weight"] = w_out[e]
+    return out
+
+
+def _experts_from_mixtral(hf_sd: Mapping[str, torch.Tensor], src: str, dst: str,
+                          model: ModelArgs) -> StateDict:
+    out: StateDict = {}
+    fused = src + "mlp.experts.gate_up_proj"
+    if fused in hf_sd:
+        out[dst + "mlp.router.weight"] = _get(hf_sd, src + "mlp.gate.weight")
+        out[dst + "mlp.w_in"] = hf_sd[fused]
+        out[dst + "mlp.w_out"] = _get(hf_sd, src + "mlp.experts.down_proj")
+        return out
+    moe = src + "block_sparse_moe."
+    out[dst + "mlp.router.weight"] = _get(hf_sd, moe + "gate.weight")
+    w_in, w_out = [], []
+    for e in range(model.moe_num_experts):
+        name = f"{moe}experts.{e}."
+        w_in.append(torch.cat([_get(hf_sd, name + "w1.weight"), _get(hf_sd, name + "w3.weight")]))
+        w_out.append(_get(hf_sd, name + "w2.weight"))
+    out[dst + "mlp.w_in"], out[dst + "mlp.w_out"] = torch.stack(w_in), torch.stack(w_out)
+    return out
 
 
 # ------------------------------------------------------------------ HF in
@@ -319,7 +398,15 @@ def neox_values_from_hf(hf: Any) -> tuple[str, dict[str, Any]]:
         use_bias_in_norms=False, use_bias_in_attn_linear=bool(getattr(hf, "attention_bias", False)),
         use_bias_in_mlp=bool(getattr(hf, "mlp_bias", False)),
     )  # fmt: skip
-    window = getattr(hf, "sliding_window", None) if arch == "mistral" else None
+    if arch == "mixtral":
+        jitter = float(getattr(hf, "router_jitter_noise", 0.0) or 0.0)
+        values.update(
+            moe_num_experts=int(hf.num_local_experts), moe_top_k=int(hf.num_experts_per_tok),
+            moe_router_type="topk", moe_expert_interval=1,
+            moe_aux_loss_coeff=float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
+            moe_jitter_eps=jitter or None,
+        )  # fmt: skip
+    window = getattr(hf, "sliding_window", None) if arch in ("mistral", "mixtral") else None
     if window is not None:
         values.update(attention_config=[[["local"], hf.num_hidden_layers]],
                       sliding_window_width=int(window))
@@ -368,6 +455,9 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], model: ModelArgs,
             qb, kb, vb = (_get(hf_sd, src + f"self_attn.{p}_proj.bias") for p in "qkv")
             out[dst + "attention.query_key_value.bias"] = _qkv_from_llama(qb, kb, vb, model)
             out[dst + "attention.dense.bias"] = _get(hf_sd, src + "self_attn.o_proj.bias")
+        if architecture == "mixtral":
+            out.update(_experts_from_mixtral(hf_sd, src, dst, model))
+            continue
         out[dst + "mlp.dense_h_to_4h.weight"] = torch.cat(
             [_get(hf_sd, src + "mlp.gate_proj.weight"), _get(hf_sd, src + "mlp.up_proj.weight")])
         out[dst + "mlp.dense_4h_to_h.weight"] = _get(hf_sd, src + "mlp.down_proj.weight")

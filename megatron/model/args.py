@@ -181,6 +181,43 @@ class ModelArgs:
         None, "RWKV layers: channel-mix width (derived: intermediate_size, else expansion_factor "
         "x hidden_size, rounded down to a multiple of 32).")
     gmlp_attn_dim: int = key(64, "aMLP layers: width of the one-head tiny attention.")
+    moe_num_experts: int = key(
+        1, "Experts per mixture-of-experts layer; 1 means dense MLPs everywhere.")
+    moe_top_k: int = key(1, "Experts each token is sent to.")
+    moe_router_type: Literal["sinkhorn", "topk"] = key(
+        "sinkhorn", "Router: 'topk' (softmax over the k largest logits) or 'sinkhorn' (in "
+        "training, experts chosen on Sinkhorn-balanced scores; weights from a sigmoid for k=1, "
+        "a softmax otherwise).")
+    moe_expert_interval: int = key(
+        1, "Every n-th layer is a mixture-of-experts layer (layers whose 0-based index is a "
+        "multiple of n).")
+    moe_lbl_in_fp32: bool = key(False, "Compute the router's auxiliary losses in fp32.")
+    moe_jitter_eps: float | None = key(
+        None, "Multiply the router input by uniform noise in [1 - eps, 1 + eps] in training; "
+        "unset for none.")
+    moe_aux_loss_coeff: float = key(
+        0.0, "Coefficient of the load-balancing loss E * sum_e f_e * P_e (Switch/GShard), "
+        "added to the training loss.", origin="Meg")
+    moe_z_loss_coeff: float = key(
+        0.0, "Coefficient of the router z-loss mean(logsumexp(logits)^2), added to the training "
+        "loss.", origin="Meg")
+    moe_token_dropping: bool = key(
+        False, "Drop the tokens past each expert's capacity (moe_train_capacity_factor); "
+        "false routes every token (dropless).")
+    moe_train_capacity_factor: float = key(
+        1.0, "With token dropping: capacity = factor x tokens x top_k / experts in training.")
+    moe_eval_capacity_factor: float = key(
+        1.0, "With token dropping: the capacity factor outside training.")
+    moe_min_capacity: int = key(4, "With token dropping: the least capacity of an expert.")
+    moe_type: Literal["megablocks", "deepspeed"] = key(
+        "megablocks", "GPT-NeoX's MoE implementation switch; both select this framework's MoE "
+        "block (dropping is moe_token_dropping).")
+    moe_grouped_gemm: bool = key(
+        False, "Run the experts' matmuls through torch._grouped_mm where the device supports "
+        "it (same numbers as the default per-expert loop).", origin="Meg")
+    enable_expert_tensor_parallelism: bool = key(
+        False, "GPT-NeoX switch; experts are always split over the tensor-parallel group like "
+        "the dense MLP.")
 
 
 def attention_layer_types(attention_config: Any, num_layers: int) -> list[str]:
@@ -249,3 +286,8 @@ def rwkv_dims(model: ModelArgs) -> tuple[int, int, int]:
 def gmlp_width(model: ModelArgs) -> int:
     assert model.hidden_size is not None
     return int((model.expansion_factor or 4) * model.hidden_size)
+
+
+def is_moe_layer(model: ModelArgs, layer: int) -> bool:
+    """Whether transformer layer ``layer`` (0-based depth) is a mixture-of-experts layer."""
+    return model.moe_num_experts > 1 and layer % max(1, model.moe_expert_interval) == 0

@@ -21,6 +21,9 @@ dropout masks come from the tracker's model-parallel stream and the norm paramet
 for the gradient all-reduce
 (:func:`megatron.parallel.register_sequence_parallel_grad_hooks`).
 
+Every ``moe_expert_interval``-th layer uses the mixture-of-experts block
+(:class:`~megatron.model.moe.MoEMLP`) in place of the MLP.
+
 A layer is built for one depth (``layer_number``, 1-based, and its ``attention_type``) and runs
 as a block (``forward(Activations) -> Activations``); a layer shared by several depths
 (``num_unique_layers``) is called with each depth's number and type.
@@ -35,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.args import ModelArgs
+from megatron.model.args import ModelArgs, is_moe_layer
 from megatron.model.attention import AttentionInputs, SelfAttention
 from megatron.model.init_methods import InitFn
 from megatron.model.layout import Activations
 from megatron.model.mlp import MLP
+from megatron.model.moe import MoEMLP
 from megatron.model.norms import build_norm
 from megatron.model.positional import RotaryEmbedding
 from megatron.parallel.random import RNGStatesTracker
@@ -81,7 +85,8 @@ class TransformerLayer(nn.Module):
         else:
             self.post_attention_layernorm = build_norm(model, hidden,
                                                        sequence_parallel=sequence_parallel)
-        self.mlp = MLP(
+        mlp_cls = MoEMLP if is_moe_layer(model, layer_number - 1) else MLP
+        self.mlp: MLP | MoEMLP = mlp_cls(
             model, state=state, sequence_parallel=sequence_parallel, init_method=init_method,
             output_init_method=output_init_method,
         )  # fmt: skip

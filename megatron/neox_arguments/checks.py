@@ -20,6 +20,7 @@ from megatron.model.args import (
 )
 from megatron.neox_arguments.checks_input import check_values
 from megatron.neox_arguments.fields import ConfigError
+from megatron.neox_arguments.groups_model import expert_parallel_size
 
 if TYPE_CHECKING:
     from megatron.neox_arguments.config import NeoXConfig
@@ -182,6 +183,50 @@ def _mixer_layers(cfg: NeoXConfig, loc: Locator, kinds: set[str]) -> None:
         if ffn < 32:
             raise loc.error("ffn_dim", message=(
                 f"the RWKV channel-mix width {ffn} rounds down to 0 (multiple of 32)"))
+
+
+def _moe(cfg: NeoXConfig, loc: Locator) -> None:
+    m, p = cfg.model, cfg.parallelism
+    ep = expert_parallel_size(p)
+    if p.expert_model_parallel_size != 1 and p.moe_expert_parallel_size not in (
+            1, p.expert_model_parallel_size):
+        raise loc.error("expert_model_parallel_size", "moe_expert_parallel_size", message=(
+            f"{p.expert_model_parallel_size} and {p.moe_expert_parallel_size} disagree; set "
+            "one of them"))
+    if m.moe_num_experts < 1:
+        raise loc.error("moe_num_experts", message=f"must be at least 1, got {m.moe_num_experts}")
+    if m.moe_num_experts == 1:
+        if ep != 1:
+            name = "expert_model_parallel_size" if p.expert_model_parallel_size != 1 \
+                else "moe_expert_parallel_size"
+            raise loc.error(name, "moe_num_experts", message=(
+                f"expert parallelism {ep} needs mixture-of-experts layers (moe_num_experts > 1)"))
+        return
+    if not 1 <= m.moe_top_k <= m.moe_num_experts:
+        raise loc.error("moe_top_k", message=(
+            f"{m.moe_top_k} must be between 1 and moe_num_experts {m.moe_num_experts}"))
+    if m.moe_expert_interval < 1:
+        raise loc.error("moe_expert_interval", message=(
+            f"must be at least 1, got {m.moe_expert_interval}"))
+    for name in ("moe_train_capacity_factor", "moe_eval_capacity_factor"):
+        if getattr(m, name) <= 0:
+            raise loc.error(name, message=f"must be positive, got {getattr(m, name)}")
+    for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        if getattr(m, name) < 0:
+            raise loc.error(name, message=f"must not be negative, got {getattr(m, name)}")
+    if m.moe_jitter_eps is not None and not 0 <= m.moe_jitter_eps < 1:
+        raise loc.error("moe_jitter_eps", message=f"must be in [0, 1), got {m.moe_jitter_eps}")
+    name = "expert_model_parallel_size" if p.expert_model_parallel_size != 1 \
+        else "moe_expert_parallel_size"
+    if ep < 1 or p.data_parallel_size % ep:
+        raise loc.error(name, message=(
+            f"{ep} must divide the data-parallel size {p.data_parallel_size}"))
+    if m.moe_num_experts % ep:
+        raise loc.error(name, "moe_num_experts", message=(
+            f"moe_num_experts {m.moe_num_experts} is not divisible by expert parallelism {ep}"))
+    if int((cfg.ds.zero_optimization or {}).get("stage", 0)) == 3:
+        raise loc.error("zero_optimization", "moe_num_experts", message=(
+            "mixture-of-experts layers work with ZeRO stages 0-2; use stage 2 or lower"))
 
 
 def _parallel(cfg: NeoXConfig, loc: Locator) -> None:
@@ -367,6 +412,7 @@ def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     check_values(cfg, loc, purpose)
     _model(cfg, loc)
     _parallel(cfg, loc)
+    _moe(cfg, loc)
     _compile(cfg, loc)
     _data(cfg, loc, purpose)
     _post_training(cfg, loc, purpose)

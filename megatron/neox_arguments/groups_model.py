@@ -23,8 +23,11 @@ class ParallelismArgs:
         "group (needs model_parallel_size > 1 to have an effect).")
     expert_interval: int = key(2, "Every n-th layer is a mixture-of-experts layer.",
                                unsupported="mixture-of-experts layers are not supported")
-    moe_num_experts: int = key(1, "Number of experts per MoE layer.",
-                               unsupported="mixture-of-experts layers are not supported")
+    expert_model_parallel_size: int = key(
+        1, "Expert-parallel size: each MoE layer's experts are split over this many "
+        "data-parallel ranks, which exchange tokens all-to-all.", origin="Meg")
+    moe_expert_parallel_size: int = key(
+        1, "GPT-NeoX's name for expert_model_parallel_size.")
     is_pipe_parallel: bool = key(False, "True when the pipeline engine is used "
                                  "(pipe_parallel_size >= 1).", derived=True)
     world_size: int = key(1, "Total number of ranks of the job.", derived=True)
@@ -54,3 +57,11 @@ class ActivationCheckpointArgs:
                                  origin="Meg")
     distribute_checkpointed_activations: bool = key(
         False, "Megatron name for partition_activations.", origin="Meg")
+
+
+def expert_parallel_size(p: ParallelismArgs) -> int:
+    """The expert-parallel size: ``expert_model_parallel_size``, or GPT-NeoX's
+    ``moe_expert_parallel_size`` when only that one is set."""
+    if p.expert_model_parallel_size != 1:
+        return p.expert_model_parallel_size
+    return p.moe_expert_parallel_size

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from megatron.model_size import parameter_count
+from megatron.model.args import is_moe_layer
+from megatron.model_size import active_parameter_count, parameter_count
 from megatron.neox_arguments.config import padded_vocab_size
 from megatron.neox_arguments.deepspeed_config import build_deepspeed_config
+from megatron.neox_arguments.groups_model import expert_parallel_size
 
 if TYPE_CHECKING:
     from megatron.neox_arguments.config import NeoXConfig
@@ -51,5 +53,11 @@ def summary_lines(cfg: NeoXConfig) -> list[str]:
         f"{t.eval_iters}, save {cfg.checkpoint.save} every {cfg.checkpoint.save_interval}",
         "deepspeed config: " + json.dumps(build_deepspeed_config(cfg), sort_keys=True),
     ]
+    if m.moe_num_experts > 1:
+        moe_layers = sum(1 for d in range(m.num_layers or 0) if is_moe_layer(m, d))
+        lines.insert(5, (
+            f"mixture of experts: {moe_layers} layers of {m.moe_num_experts} experts, top "
+            f"{m.moe_top_k} ({m.moe_router_type}), expert parallel {expert_parallel_size(p)}; "
+            f"{active_parameter_count(m, vocab) / 1e6:,.1f}M active parameters per token"))
     lines += [f"warning: {w}" for w in cfg.warnings]
     return lines

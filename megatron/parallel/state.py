@@ -42,6 +42,10 @@ class ParallelState:
 
     Groups are ``None`` only in :meth:`single` (one process, no ``torch.distributed``), where
     every collective in :mod:`megatron.parallel.mappings` is the identity.
+
+    Expert parallelism (``ep_size`` > 1) cuts every data-parallel group into blocks of
+    ``ep_size`` consecutive ranks (``ep_group``: they split each MoE layer's experts and
+    exchange tokens all-to-all); without it ``ep_group`` is None.
     """
 
     topology: RankTopology
@@ -63,6 +67,10 @@ class ParallelState:
     model_ranks: tuple[int, ...] = (0,)
     embedding_ranks: tuple[int, ...] = (0,)
     sequence_parallel: bool = False
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: ProcessGroup = None
+    ep_ranks: tuple[int, ...] = (0,)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -81,7 +89,8 @@ class ParallelState:
 
     @classmethod
     def initialize(
-        cls, topology: RankTopology, rank: int | None = None, *, sequence_parallel: bool = False
+        cls, topology: RankTopology, rank: int | None = None, *, sequence_parallel: bool = False,
+        expert_parallel: int = 1,
     ) -> ParallelState:
         """Create all process groups of ``topology``; a collective call on every rank.
 
@@ -108,6 +117,10 @@ class ParallelState:
         pp_group, pp_ranks = _new_groups(topology.pipe_groups(), rank)
         model_group, model_ranks = _new_groups(topology.model_groups(), rank)
         embedding_group, embedding_ranks = _new_groups(topology.embedding_groups(), rank)
+        if expert_parallel > 1:  # expert-parallel groups carved out of the data-parallel ones
+            ep_group, ep_ranks = _new_groups(topology.expert_groups(expert_parallel), rank)
+        else:
+            ep_group, ep_ranks = None, (rank,)
         return cls(
             topology=topology,
             rank=rank,
@@ -128,6 +141,10 @@ class ParallelState:
             model_ranks=model_ranks,
             embedding_ranks=embedding_ranks,
             sequence_parallel=sequence_parallel,
+            ep_size=expert_parallel,
+            ep_rank=ep_ranks.index(rank),
+            ep_group=ep_group,
+            ep_ranks=ep_ranks,
         )
 
     def with_sequence_parallel(self, enabled: bool) -> ParallelState:

@@ -126,6 +126,18 @@ class RankTopology:
             groups.append([pipe[0]] if len(pipe) == 1 else [pipe[0], pipe[-1]])
         return groups
 
+    def expert_groups(self, expert_parallel: int) -> Groups:
+        """Expert-parallel groups: each data-parallel group cut into consecutive blocks of
+        ``expert_parallel`` ranks (they split the experts and exchange tokens)."""
+        self._check_expert_parallel(expert_parallel)
+        return [dp[i:i + expert_parallel] for dp in self.data_groups()
+                for i in range(0, len(dp), expert_parallel)]
+
+    def _check_expert_parallel(self, expert_parallel: int) -> None:
+        if expert_parallel < 1 or self.data_parallel % expert_parallel:
+            raise ValueError(f"expert_model_parallel_size {expert_parallel} must divide the "
+                             f"data-parallel size {self.data_parallel}")
+
     def group_of(self, groups: Groups, rank: int) -> list[int] | None:
         """The group of ``groups`` containing ``rank`` (None if it is in none of them)."""
         self._check_rank(rank)

@@ -24,6 +24,7 @@ import torch
 from megatron import accelerator
 from megatron.neox_arguments import ConfigError, NeoXConfig, RunFacts, purpose_of, resolve_config
 from megatron.neox_arguments.cli import worker_merged_config
+from megatron.neox_arguments.groups_model import expert_parallel_size
 from megatron.parallel.random import RNGStatesTracker, model_parallel_seed
 from megatron.parallel.state import ParallelState
 from megatron.parallel.topology import RankTopology
@@ -100,7 +101,8 @@ def start(argv: list[str] | None = None, *, purpose: str | None = None,
     topology = RankTopology(world, cfg.parallelism.model_parallel_size,
                             max(cfg.parallelism.pipe_parallel_size, 1))
     state = ParallelState.initialize(topology, rank,
-                                     sequence_parallel=cfg.parallelism.sequence_parallel)
+                                     sequence_parallel=cfg.parallelism.sequence_parallel,
+                                     expert_parallel=expert_parallel_size(cfg.parallelism))
     tracker = seed_everything(cfg.training.seed, state)
     tok = None
     if tokenizer:

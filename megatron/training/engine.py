@@ -26,6 +26,7 @@ import torch
 
 from megatron.logging.timers import Timers
 from megatron.model import lm_loss
+from megatron.model.moe import collect_moe_metrics, moe_blocks
 from megatron.model.pipeline import PipelineLMLoss
 from megatron.neox_arguments import NeoXConfig
 from megatron.parallel.state import ParallelState
@@ -71,6 +72,7 @@ class Engine:
     cfg: NeoXConfig
     timers: Timers = field(default_factory=Timers)
     clipper: NormClipper | None = None
+    _moe_blocks: list | None = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ the interface
     @property
@@ -113,6 +115,26 @@ class Engine:
         return {}
 
     # ------------------------------------------------------------------ shared
+    def prepare_moe_step(self) -> None:
+        """Tell the MoE blocks what backward multiplies the loss by (1 / accumulation steps,
+        times the fp16 loss scale), so their auxiliary losses get the same factor."""
+        if self._moe_blocks is None:  # found once: the model's modules do not change
+            self._moe_blocks = moe_blocks(self.ds.module)
+        blocks = self._moe_blocks
+        if not blocks:
+            return
+        gas = self.cfg.training.gradient_accumulation_steps or 1
+        scale = (self.loss_scale() or 1.0) / gas
+        for block in blocks:
+            block.aux_loss_scale = scale
+
+    def moe_metrics(self) -> dict[str, float]:
+        """Routing statistics since the last call, over every MoE layer and rank: mean
+        auxiliary and z-loss per layer and forward pass, tokens per expert (min, max,
+        imbalance = max / mean) and the fraction of dropped assignments. Collective (every
+        rank calls it); empty for a dense model."""
+        return collect_moe_metrics(self.ds.module, self.state, self.cfg.model)
+
     def train(self) -> None:
         self.ds.train()
 
@@ -191,6 +213,7 @@ class ModelEngine(Engine):
                    measure_norm: bool) -> float:
         gas = self.cfg.training.gradient_accumulation_steps or 1
         timers = self.timers if self.cfg.ds.wall_clock_breakdown else None
+        self.prepare_moe_step()
         losses = []
         for i in range(gas):
             with _timed(timers, "data"):
@@ -270,6 +293,7 @@ class PipelineEngine(Engine):
                    measure_norm: bool) -> float:
         if self.loss_hook is not None:
             self.loss_hook.inject = inject
+        self.prepare_moe_step()
         loss = self.ds.train_batch(data_iter=self._stage_inputs(batches))
         return float(loss.detach().float())
 

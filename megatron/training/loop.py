@@ -257,7 +257,8 @@ class Trainer:
             p.iteration, lm_loss=loss, lr=eng.scheduler.get_lr(), grad_norm=eng.grad_norm(),
             loss_scale=eng.loss_scale(), step_time_s=elapsed / max(1, p.interval_iters),
             skipped_iters=p.skipped_iters, consumed_samples=p.consumed_train_samples,
-            elapsed_s=time.time() - self.started, extra=eng.take_metrics(),
+            elapsed_s=time.time() - self.started,
+            extra={**eng.take_metrics(), **eng.moe_metrics()} or None,
         )
         if self.cfg.ds.wall_clock_breakdown:
             self.metrics.info(eng.timers.breakdown_line(normalizer=max(1, p.interval_iters)))

@@ -52,9 +52,8 @@ def test_derived_keys_cannot_be_set():
 
 
 def test_unsupported_keys_accept_only_their_default():
-    assert make_cfg(moe_num_experts=1).parallelism.moe_num_experts == 1
-    assert err(moe_num_experts=8) == \
-        "a.yml: moe_num_experts: mixture-of-experts layers are not supported"
+    assert make_cfg(use_mup=False).model.use_mup is False
+    assert err(use_mup=True) == "a.yml: use_mup: muP is not supported"
 
 
 @pytest.mark.parametrize("key", ["num_layers", "hidden_size", "num_attention_heads", "seq_length"])

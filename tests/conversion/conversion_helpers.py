@@ -52,7 +52,8 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 
 def tiny_hf_model(kind: str, out_dir: Path, tokenizer_json: Path, *, vocab_size: int,
                   seed: int = 0, **overrides: Any) -> Path:
-    """Save a random ``kind`` (gpt_neox | llama | mistral) causal LM with the tokenizer."""
+    """Save a random ``kind`` (gpt_neox | llama | mistral | mixtral) causal LM with the
+    tokenizer."""
     import transformers
 
     common: dict[str, Any] = {
@@ -70,6 +71,11 @@ def tiny_hf_model(kind: str, out_dir: Path, tokenizer_json: Path, *, vocab_size:
             "rope_type": "default", "rope_theta": 10000.0}, "rms_norm_eps": 1e-6,
             **common, **overrides})
         cls = transformers.LlamaForCausalLM
+    elif kind == "mixtral":
+        config = transformers.MixtralConfig(**{"rope_parameters": {
+            "rope_type": "default", "rope_theta": 10000.0}, "num_local_experts": 4,
+            "num_experts_per_tok": 2, **common, **overrides})
+        cls = transformers.MixtralForCausalLM
     else:
         config = transformers.MistralConfig(**{"rope_parameters": {
             "rope_type": "default", "rope_theta": 10000.0}, **common, **overrides})

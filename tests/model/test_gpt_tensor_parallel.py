@@ -39,6 +39,11 @@ CASES: dict[str, tuple[str | None, dict[str, Any], bool]] = {
         "pos_emb": "learned", "activation": "swiglu", "num_kv_heads": 2, "num_layers": 4,
         "num_unique_layers": 2, "param_sharing_style": "spaced", "intermediate_size": 48,
     }, False),
+    "moe-swiglu-aux": (None, {
+        "activation": "swiglu", "intermediate_size": 48, "moe_num_experts": 4, "moe_top_k": 2,
+        "moe_router_type": "topk", "moe_expert_interval": 2, "num_layers": 4,
+        "moe_aux_loss_coeff": 0.1, "moe_z_loss_coeff": 0.01,
+    }, False),
 }  # fmt: skip
 
 

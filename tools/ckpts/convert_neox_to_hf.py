@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config_file", nargs="+", default=None,
                    help="config files of the run (default: the checkpoint's configs/merged.yml)")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--architecture", default="neox", choices=["neox", "llama", "mistral", "mamba"])
+    p.add_argument("--architecture", default="neox",
+                   choices=["neox", "llama", "mistral", "mamba", "mixtral"])
     p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
     args = p.parse_args(argv)
     try:

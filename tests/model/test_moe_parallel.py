@@ -1,0 +1,142 @@
+"""Expert parallelism against the same run without it, from the same seed, on gloo ranks:
+per-step losses of EP=2 equal EP=1 (fp32, 1e-5 relative) for the plain model under ZeRO 0,
+1 and 2, with tensor parallelism (TP=2) and with the pipeline (PP=2); the weights end equal.
+A DeepSpeed checkpoint written at EP=1 resumes exactly at EP=2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from megatron.model import build_model, lm_loss
+from megatron.model.moe import set_aux_loss_scale
+from megatron.parallel import ParallelState, RankTopology
+from tests.distributed import run_distributed
+from tests.model.gpt_model_helpers import batch, make_config
+
+STEPS = 3
+MICRO = 2  # micro batches per rank and step
+MOE = {"moe_num_experts": 4, "moe_top_k": 2, "moe_router_type": "topk",
+       "moe_aux_loss_coeff": 0.01, "moe_z_loss_coeff": 0.001, "num_layers": 2,
+       "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+       "make_vocab_size_divisible_by": 16}  # the same padded vocabulary at TP 1 and 2
+
+
+def _ds_config(dp: int, zero: int) -> dict:
+    return {
+        "train_batch_size": dp * MICRO,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": MICRO,
+        "steps_per_print": 10_000,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": zero},
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _micro(step: int, dp_rank: int, micro: int) -> tuple[tuple, tuple]:
+    tokens, labels, loss_mask = batch(1, 16, seed=1000 + 13 * dp_rank + micro)  # same batch each step
+    mask = torch.ones(16, 16, dtype=torch.bool).triu(1).view(1, 1, 16, 16)
+    positions = torch.arange(16).view(1, 16)
+    return (tokens, positions, mask), (labels, loss_mask)
+
+
+def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = None,
+           load: str | None = None) -> dict[str, Any]:
+    """``STEPS`` steps of one layout; ``save`` writes a checkpoint after the first step,
+    ``load`` starts from that checkpoint (and runs the remaining steps)."""
+    import deepspeed
+
+    cfg = make_config(world_size=world, model_parallel_size=tp, pipe_parallel_size=pp,
+                      expert_model_parallel_size=ep, **MOE)
+    state = ParallelState.initialize(RankTopology(world, tp, max(pp, 1)), expert_parallel=ep)
+    model = build_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
+                        padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=state,
+                        tracker=None, init_seed=7)
+    set_aux_loss_scale(model, 1.0 / MICRO)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        config=_ds_config(state.dp_size, zero), mpu=None if pp else state,
+    )  # fmt: skip
+    first = 0
+    if load is not None:
+        engine.load_checkpoint(load, tag="step1")
+        first = 1
+    losses = []
+    for step in range(first, STEPS):
+        if save is not None and step == 1:
+            engine.save_checkpoint(save, tag="step1")
+        if pp:
+            data = iter([_micro(step, state.dp_rank, m) for m in range(MICRO)])
+            loss = engine.train_batch(data_iter=data).detach().float().reshape(())
+            torch.distributed.all_reduce(loss, group=state.dp_group)  # mean over replicas
+            losses.append(float(loss) / state.dp_size)
+            continue
+        total = torch.zeros(())
+        for m in range(MICRO):
+            (tokens, positions, mask), (labels, loss_mask) = _micro(step, state.dp_rank, m)
+            loss = lm_loss(engine(tokens, positions, mask), labels, loss_mask, state)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach() / MICRO
+        torch.distributed.all_reduce(total, group=state.dp_group)
+        losses.append(float(total) / state.dp_size)
+    experts = {n: p.detach().clone() for n, p in model.named_parameters()
+               if n.endswith(("w_in", "w_out", "router.weight"))}
+    return {"losses": losses, "experts": experts}
+
+
+def _compare_runs(rank: int, world: int, layouts: list[tuple],
+                  checkpoint_dir: str | None = None) -> list:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    out = [_train(world, *layout) for layout in layouts]
+    if checkpoint_dir is not None:  # saved with EP=1, resumed with EP=2
+        out.append(_train(world, 1, 0, 1, 1, save=checkpoint_dir))
+        out.append(_train(world, 1, 0, 2, 1, load=checkpoint_dir))
+    return out
+
+
+def _check_equal(out: list, reference: int, others: list[int]) -> None:
+    for rank_out in out:
+        ref = rank_out[reference]
+        assert ref["losses"][-1] < ref["losses"][0], ref["losses"]  # it trained
+        for i in others:
+            assert_close(torch.tensor(rank_out[i]["losses"]), torch.tensor(ref["losses"]),
+                         rtol=1e-5, atol=0)
+            for name, value in ref["experts"].items():
+                assert_close(rank_out[i]["experts"][name], value, rtol=1e-4, atol=1e-6,
+                             msg=name)
+
+
+@pytest.mark.distributed
+def test_expert_parallel_matches_without_under_zero_0_1_2(tmp_path: Path) -> None:
+    # (tp, pp, ep, zero): EP=1 ZeRO 0 is the reference
+    layouts = [(1, 0, 1, 0), (1, 0, 2, 0), (1, 0, 2, 1), (1, 0, 2, 2)]
+    out = run_distributed(_compare_runs, 2, layouts, str(tmp_path), timeout=300)
+    _check_equal([o[:4] for o in out], 0, [1, 2, 3])
+    for rank_out in out:  # a checkpoint written at EP=1 resumes exactly at EP=2
+        saved, resumed = rank_out[4], rank_out[5]
+        assert_close(torch.tensor(resumed["losses"]), torch.tensor(saved["losses"][1:]),
+                     rtol=1e-5, atol=0)
+        for name, value in saved["experts"].items():
+            assert_close(resumed["experts"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.distributed
+def test_expert_parallel_with_tensor_and_pipeline_parallel() -> None:
+    # 4 ranks: TP=2 x DP=2 and PP=2 x DP=2, each with EP=2 against EP=1
+    layouts = [(2, 0, 1, 0), (2, 0, 2, 0), (1, 2, 1, 0), (1, 2, 2, 0)]
+    out = run_distributed(_compare_runs, 4, layouts, timeout=400)
+    _check_equal([o[:2] for o in out], 0, [1])
+    pipeline = [o[2:] for o in out]
+    for rank_out in pipeline:
+        assert rank_out[0]["losses"][-1] < rank_out[0]["losses"][0]
+        assert_close(torch.tensor(rank_out[1]["losses"]), torch.tensor(rank_out[0]["losses"]),
+                     rtol=1e-5, atol=0)
