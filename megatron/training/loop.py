@@ -7,6 +7,8 @@ datasets and loaders positioned at the consumed-sample counts -> train -> test.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +17,13 @@ from typing import Any
 import torch
 
 from megatron import accelerator
-from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
+from megatron.checkpoint.resume import (
+    Checkpointer,
+    LoadOptions,
+    SaveOptions,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron.runtime import Runtime, start
 from megatron.training.control import StopSignal
 from megatron.training.data_setup import (
@@ -66,6 +74,8 @@ class Trainer:
         self.stop = StopSignal(self.cfg.training.save_on_signal)
         self.inject = set(self.cfg.training.inject_nonfinite_loss_iters or ())
         self.started = time.time()
+        self.checkpointer = Checkpointer(asynchronous=self.cfg.checkpoint.async_save) \
+            if self.cfg.checkpoint.save else None
 
     # ------------------------------------------------------------------ checkpoints
     def config_files(self) -> dict[str, str]:
@@ -78,7 +88,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.save:
             return
-        save_checkpoint(
+        line = save_checkpoint(
             self.engine.ds, SaveOptions(ck.save, ck.keep_last_n_checkpoints,
                                         save_optimizer=not ck.no_save_optim,
                                         save_rng=not ck.no_save_rng),
@@ -86,10 +96,22 @@ class Trainer:
             client_state=self.progress.client_state(self.engine.scheduler),
             tracker=self.rt.tracker, config_files=self.config_files(),
             kill_before_complete=self.progress.iteration in
-            (self.cfg.training.inject_kill_during_save_iters or ()))
-        self.metrics.info(f"saved checkpoint at iteration {self.progress.iteration} to {ck.save}")
+            (self.cfg.training.inject_kill_during_save_iters or ()),
+            checkpointer=self.checkpointer)
+        if line is not None:
+            self.metrics.info(line)
         line = self.engine.after_save()
         if line is not None:
+            self.metrics.info(line)
+
+    def poll_saves(self) -> None:
+        """Log the line of a background save that has finished."""
+        if self.checkpointer is not None and (line := self.checkpointer.poll()) is not None:
+            self.metrics.info(line)
+
+    def finish_saves(self) -> None:
+        """Wait for the save in flight (the end of the run, a stop on a signal)."""
+        if self.checkpointer is not None and (line := self.checkpointer.finish()) is not None:
             self.metrics.info(line)
 
     def load(self) -> None:
@@ -99,7 +121,8 @@ class Trainer:
         loaded = load_checkpoint(
             self.engine.ds,
             LoadOptions(ck.load, load_optimizer=not ck.no_load_optim,
-                        load_rng=not ck.no_load_rng, finetune=ck.finetune),
+                        load_rng=not ck.no_load_rng, finetune=ck.finetune,
+                        iteration=self.cfg.training.iteration),
             tracker=self.rt.tracker, log=self.metrics.info)
         if loaded is None or ck.finetune:
             return
@@ -194,6 +217,7 @@ class Trainer:
                 self.log_training()
             if t.do_valid and valid_it is not None and p.iteration % t.eval_interval == 0:
                 self.evaluate(valid_it, "validation")
+            self.poll_saves()
             saved = False
             if self.should_save(p.iteration):
                 self.save()
@@ -240,7 +264,11 @@ def train(argv: list[str] | None = None) -> int:
         reason = trainer.train(train_set, valid_set)
         if reason == "done" and rt.cfg.training.do_test and test_set is not None:
             trainer.evaluate(cycle_from(test_set, rt.cfg, rt.state, 0), "test")
+        trainer.finish_saves()
     finally:
+        if sys.exc_info()[0] is not None:  # an error ends the run: the save in flight completes
+            with contextlib.suppress(Exception):
+                trainer.finish_saves()
         trainer.stop.restore()
         metrics.close()
     accelerator.synchronize()
