@@ -215,14 +215,15 @@ class Loaded:
 
 
 def refuse_to_start_over(load_dir: Path) -> None:
-    """With checkpoints in ``load_dir`` but no ``latest`` (deleted, or the folder copied without
-    it), starting from scratch would overwrite them: stop and say which exist instead."""
+    """With complete checkpoints in ``load_dir`` but no ``latest`` (deleted, or the folder
+    copied without it), starting from scratch would overwrite them: stop and say which exist
+    instead. Incomplete ones alone (a run killed during its first save) are no reason to stop:
+    the new run replaces them."""
     steps = step_directories(load_dir)
-    if not steps:
-        return
     complete = [p for _, p in complete_checkpoints(load_dir)]
-    newest = f"; the newest complete one is {complete[-1].name}" if complete else \
-        "; none of them is complete"
+    if not complete:
+        return  # interrupted saves only (a kill during the first save): nothing to lose
+    newest = f"; the newest complete one is {complete[-1].name}"
     names = ", ".join(p.name for p in steps[-5:]) + (" ..." if len(steps) > 5 else "")
     raise CheckpointError(
         f"{load_dir}: holds {names} but no '{LATEST}' file{newest}: write the tag to resume "

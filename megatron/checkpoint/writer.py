@@ -50,7 +50,8 @@ Entries = dict[str, dict[str, Any]]
 
 def host_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """``obj`` with every tensor copied to host memory (one copy per tensor object, so tensors
-    that appear twice stay shared); containers rebuilt, other objects deep-copied."""
+    that appear twice in ``obj`` stay shared); containers rebuilt, other objects deep-copied.
+    One ``memo`` per object saved: it is keyed by ``id``, valid only while ``obj`` lives."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         key = id(obj)
@@ -125,7 +126,6 @@ class CaptureEngine:
         self.save_optimizer = save_optimizer
         self.held: list[tuple[Path, Any]] = []
         self.entries: Entries = {}
-        self._memo: dict[int, Any] = {}
 
     def save(self, state_dict: Any, path: str) -> None:
         target = Path(path)
@@ -135,7 +135,7 @@ class CaptureEngine:
             if isinstance(state_dict, dict) and state_dict.get("optimizer") is not None:
                 state_dict = {**state_dict, "optimizer": None}
         if self.hold:
-            self.held.append((target, host_copy(state_dict, self._memo)))
+            self.held.append((target, host_copy(state_dict)))
         else:
             self.entries[self.rel(target)] = write_file(target, compact_views(state_dict))
 
