@@ -21,7 +21,7 @@ import torch
 
 from megatron.checkpoint.manifest import CheckpointError
 
-_UNSAFE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSAFE = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
 def _data_classes() -> list[Any]:
@@ -55,6 +55,10 @@ def _refusal(path: Any, exc: Exception) -> CheckpointError:
         return CheckpointError(
             f"{path}: refused: loading it would call {match.group(1)} (checkpoint files are "
             "loaded with torch.load(weights_only=True), which runs no code from the file)")
+    if "Weights only load failed" in text:
+        return CheckpointError(f"{path}: refused: it holds objects other than tensors, "
+                               "containers, numbers and strings (checkpoint files are loaded "
+                               "with torch.load(weights_only=True))")
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {first[:200]})")
 
