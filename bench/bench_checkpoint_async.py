@@ -32,6 +32,7 @@ from bench_train import MODELS, RUN_DIR, Case, config_values, ensure_data, free_
 from machine import cpu_peak
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's megatron, not another installed one
 
 
 def disk_write_mb_per_s(directory: Path, megabytes: int) -> float:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     size = 0
     for mode in ("sync", "async"):
         trainer.checkpointer = Checkpointer(asynchronous=mode == "async")
-        blocked, write = [], []
+        blocked, write, copy = [], [], []
         for _ in range(args.repeat):
             iteration += 1
             trainer.progress.iteration = iteration
@@ -111,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             job_line = [ln for ln in lines if f"at iteration {iteration} " in ln][-1]
             write.append(float(job_line.split(" write ")[1].split(" s (")[0]
                                .removeprefix("in the background ")))
-            size = int(float(job_line.split(" s (")[1].split(" MB")[0]) * 1e6)
-        results[mode] = {"blocked_s": blocked, "write_s": write}
+            if "copy to host memory" in job_line:
+                copy.append(float(job_line.split("copy to host memory ")[1].split(" s)")[0]))
+            size = int(float(job_line.rsplit(" s (", 1)[1].split(" MB")[0]) * 1e6)
+        results[mode] = {"blocked_s": blocked, "write_s": write, "host_copy_s": copy}
     metrics.close()
     disk = disk_write_mb_per_s(work, args.disk_mb)
     shutil.rmtree(work, ignore_errors=True)
 
     summary = {mode: {"blocked_s_median": statistics.median(r["blocked_s"]),
+                      "host_copy_s_median": statistics.median(r["host_copy_s"])
+                      if r["host_copy_s"] else None,
                       "write_s_median": statistics.median(r["write_s"]),
                       "write_mb_per_s": size / 1e6 / statistics.median(r["write_s"])}
                for mode, r in results.items()}
@@ -131,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": str(cfg_path.relative_to(ROOT)), "method": __doc__,
     }
     for mode, s in summary.items():
-        print(f"{mode:5s}: training blocked {s['blocked_s_median']:.3f} s per save, write "
+        copy_part = f" (host copy {s['host_copy_s_median']:.3f} s)" \
+            if s["host_copy_s_median"] is not None else ""
+        print(f"{mode:5s}: training blocked {s['blocked_s_median']:.3f} s per save{copy_part}, write "
               f"{s['write_s_median']:.2f} s ({s['write_mb_per_s']:.0f} MB/s) for "
               f"{size / 1e6:.0f} MB")
     print(f"disk (dd-style, {args.disk_mb} MB, fsync): {disk:.0f} MB/s")

@@ -184,7 +184,8 @@ def save_checkpoint(
                   world_size=_world_size(), group=checkpointer.group,
                   files=capture.held + extra, entries=capture.entries,
                   has_optimizer=options.save_optimizer, keep_last_n=options.keep_last_n,
-                  kill_before_complete=kill_before_complete)
+                  kill_before_complete=kill_before_complete, copy_s=capture.copy_s,
+                  write_s=capture.write_s)
     if hold:
         job.blocked_s = time.perf_counter() - blocked_from
         checkpointer.writer.submit(job)

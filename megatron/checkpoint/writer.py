@@ -126,6 +126,8 @@ class CaptureEngine:
         self.save_optimizer = save_optimizer
         self.held: list[tuple[Path, Any]] = []
         self.entries: Entries = {}
+        self.copy_s = 0.0  # host copies (held files)
+        self.write_s = 0.0  # files written at once
 
     def save(self, state_dict: Any, path: str) -> None:
         target = Path(path)
@@ -134,10 +136,13 @@ class CaptureEngine:
                 return  # no_save_optim: the ZeRO shards are left out
             if isinstance(state_dict, dict) and state_dict.get("optimizer") is not None:
                 state_dict = {**state_dict, "optimizer": None}
+        start = time.perf_counter()
         if self.hold:
             self.held.append((target, host_copy(state_dict)))
+            self.copy_s += time.perf_counter() - start
         else:
             self.entries[self.rel(target)] = write_file(target, compact_views(state_dict))
+            self.write_s += time.perf_counter() - start
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.tag_dir).as_posix()
@@ -181,6 +186,7 @@ class SaveJob:
     keep_last_n: int | None
     blocked_s: float = 0.0
     kill_before_complete: bool = False
+    copy_s: float = 0.0
     write_s: float = 0.0
     total_bytes: int = 0
     background: bool = False
@@ -206,14 +212,17 @@ class SaveJob:
             atomic_write(self.save_dir / LATEST, self.tag_dir.name)
             prune_checkpoints(self.save_dir, self.keep_last_n, protect=self.tag_dir.name)
         self.total_bytes = sum(int(e["size"]) for e in entries.values())
-        self.write_s = time.perf_counter() - start
+        self.write_s += time.perf_counter() - start
 
     def line(self) -> str:
+        """One line: training blocked, the write (for synchronous saves: the files written
+        during DeepSpeed's save included), size and rate."""
         size = self.total_bytes / 1e6
         rate = size / self.write_s if self.write_s > 0 else float("inf")
         where = "in the background " if self.background else ""
+        copy = f" (copy to host memory {self.copy_s:.3f} s)" if self.copy_s > 0 else ""
         return (f"saved checkpoint at iteration {self.iteration} to {self.save_dir}: training "
-                f"blocked {self.blocked_s:.3f} s, write {where}{self.write_s:.3f} s "
+                f"blocked {self.blocked_s:.3f} s{copy}, write {where}{self.write_s:.3f} s "
                 f"({size:.1f} MB, {rate:.0f} MB/s)")
 
 
