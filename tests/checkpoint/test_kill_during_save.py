@@ -1,5 +1,6 @@
 """kill -9 of a training process at 20 seeded random moments while it saves every step, 10
-with synchronous and 10 with asynchronous saves: after every kill ``latest`` names a complete
+with synchronous and 10 with asynchronous saves (each moment: a seeded delay after a save has
+begun, its directory created): after every kill ``latest`` names a complete
 checkpoint whose checksums verify, the next run resumes from the newest complete checkpoint,
 and every loss any of the runs logged equals the uninterrupted run's loss at that
 iteration."""
@@ -22,7 +23,7 @@ from tests.checkpoint.kill_harness import start_training, train_records
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from e2e_helpers import ROOT, base_values, build_char_corpus  # noqa: E402
 
-ITERS = 12
+ITERS = 30
 KILLS_PER_MODE = 10
 
 
@@ -78,7 +79,11 @@ def test_kill_at_random_moments_during_saves(setup, mode):
         deadline = time.time() + 120
         while len(train_records(run)) == seen and proc.is_alive() and time.time() < deadline:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.5))  # the seeded kill moment
+        before = {p.name for p in ckpt.glob("global_step*")}
+        while proc.is_alive() and time.time() < deadline and \
+                not {p.name for p in ckpt.glob("global_step*")} - before:
+            time.sleep(0.005)  # until the next save has begun (its directory appears)
+        time.sleep(rng.uniform(0.0, 0.08))  # the seeded kill moment
         if proc.is_alive():
             proc.kill()  # SIGKILL
             killed += 1
@@ -104,6 +109,7 @@ def test_kill_at_random_moments_during_saves(setup, mode):
         elif line.startswith("loaded checkpoint "):
             resumed_from.append(Path(line.split()[2]).name)
     assert resumed_from == expected, (resumed_from, expected)
+    print(f"{mode}: {killed} kills, {mid_save} with a save in progress")
     assert killed >= KILLS_PER_MODE - 2 and mid_save >= 1, (killed, mid_save)
     records = train_records(run)
     assert max(r["iteration"] for r in records) == ITERS
