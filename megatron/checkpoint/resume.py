@@ -8,19 +8,20 @@ Layout of ``<save>/``::
         rng/rank_00000.pt          per-rank RNG states (python, numpy, torch, device, tracker)
         configs/merged.yml         the merged configuration of the run (and the original files)
         layout.json, layout/       the parallel layout and model shape (see relayout.py)
-        manifest.json              written last: every file with its size
+        manifest.json              written last: every file with its size and CRC-32
 
 ``latest`` advances only after every rank finished writing and ``manifest.json`` is complete,
-so a run killed during a save resumes from the previous checkpoint. Loading checks the
-manifest first, so a damaged checkpoint is a one-line error naming the file.
+so a run killed during a save resumes from the previous checkpoint. With ``async_save`` the
+files are written by a background thread (:mod:`megatron.checkpoint.writer`) in the same order.
+Loading checks the manifest (sizes and checksums) first, so a damaged checkpoint is a one-line
+error naming the file, and reads every file with ``weights_only=True``
+(:mod:`megatron.checkpoint.safe_load`).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,10 @@ from megatron.checkpoint.manifest import (
     MANIFEST,
     TAG_PATTERN,
     CheckpointError,
-    atomic_write,
     read_latest,
     step_directories,
     tag_for,
     verify_checkpoint,
-    write_manifest,
 )
 from megatron.checkpoint.relayout import (
     RunLayout,
@@ -51,6 +50,22 @@ from megatron.checkpoint.relayout import (
     rng_source_rank,
     write_layout,
 )
+from megatron.checkpoint.safe_load import load_file, safe_engine_loads
+from megatron.checkpoint.writer import (
+    CaptureEngine,
+    SaveJob,
+    Writer,
+    complete_checkpoints,
+    host_copy,
+    prune_checkpoints,
+    remove_checkpoint,
+)
+
+__all__ = [
+    "LoadOptions", "Loaded", "SaveOptions", "Checkpointer", "complete_checkpoints",
+    "load_checkpoint", "prune_checkpoints", "refuse_to_start_over", "rng_state",
+    "save_checkpoint", "set_rng_state",
+]
 
 
 def _barrier() -> None:
@@ -64,14 +79,23 @@ def _rank() -> int:
     return 0
 
 
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 # ----------------------------------------------------------------------------- RNG states
 
 
 def rng_state(tracker: Any | None) -> dict[str, Any]:
-    """This rank's RNG states: python, numpy, torch CPU, device and the model-parallel tracker."""
+    """This rank's RNG states: python, numpy, torch CPU, device and the model-parallel tracker,
+    as plain tensors, numbers and tuples (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+                  int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "device": accelerator.device_rng_state(),
         "tracker": tracker.get_states() if tracker is not None else None,
@@ -80,43 +104,18 @@ def rng_state(tracker: Any | None) -> dict[str, Any]:
 
 def set_rng_state(states: dict[str, Any], tracker: Any | None) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy_state = states["numpy"]
+    if isinstance(numpy_state, tuple) and isinstance(numpy_state[1], torch.Tensor):
+        kind, keys, pos, has_gauss, cached = numpy_state
+        numpy_state = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    np.random.set_state(numpy_state)
     torch.set_rng_state(states["torch"])
     accelerator.set_device_rng_state(states.get("device"))
     if tracker is not None and states.get("tracker") is not None:
         tracker.set_states(states["tracker"])
 
 
-# ----------------------------------------------------------------------------- pruning
-
-
-def complete_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
-    out = []
-    for path in save_dir.iterdir() if save_dir.is_dir() else []:
-        match = TAG_PATTERN.match(path.name)
-        if match and path.is_dir() and (path / MANIFEST).is_file():
-            out.append((int(match.group(1)), path))
-    return sorted(out)
-
-
-def prune_checkpoints(save_dir: Path, keep_last: int | None, protect: str | None) -> list[Path]:
-    """Delete old complete checkpoints beyond ``keep_last`` and incomplete leftovers."""
-    removed: list[Path] = []
-    for path in save_dir.iterdir() if save_dir.is_dir() else []:
-        if TAG_PATTERN.match(path.name) and path.is_dir() and not (path / MANIFEST).is_file() \
-                and path.name != protect:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    if keep_last is not None:
-        complete = complete_checkpoints(save_dir)
-        for _, path in complete[: max(0, len(complete) - keep_last)]:
-            if path.name != protect:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
-
-
-# ----------------------------------------------------------------------------- save / load
+# ----------------------------------------------------------------------------- save
 
 
 @dataclass(frozen=True)
@@ -128,6 +127,29 @@ class SaveOptions:
     layout: RunLayout | None = None  # recorded so the checkpoint can resume at another layout
 
 
+class Checkpointer:
+    """Saves of one run: one at a time, each waiting for the previous; with
+    ``asynchronous`` the files are written in a background thread once the state is copied
+    to host memory. Call :meth:`finish` before the process ends."""
+
+    def __init__(self, *, asynchronous: bool = False):
+        self.asynchronous = asynchronous
+        self.writer = Writer(background=asynchronous)
+        self.group: Any = None
+        if _world_size() > 1:
+            # the manifest entries travel over their own group: a background thread must not
+            # share a process group with the training step
+            self.group = torch.distributed.new_group(backend="gloo")
+
+    def poll(self) -> str | None:
+        """The line of a background save that finished since the last call."""
+        return self.writer.poll()
+
+    def finish(self) -> str | None:
+        """Wait for the save in flight (its line, or None)."""
+        return self.writer.wait()
+
+
 def save_checkpoint(
     engine: Any,
     options: SaveOptions,
@@ -137,54 +159,57 @@ def save_checkpoint(
     tracker: Any | None,
     config_files: dict[str, str],
     kill_before_complete: bool = False,
-) -> Path:
-    """Save through the DeepSpeed engine, then make the checkpoint visible atomically."""
+    checkpointer: Checkpointer | None = None,
+) -> str | None:
+    """Capture what the DeepSpeed engine saves, plus RNG states and configs, and write it all
+    (at once, or in the background with an asynchronous ``checkpointer``); the checkpoint
+    becomes visible atomically (manifest, then ``latest``). Returns the log line of a save
+    that finished within this call: this one when synchronous, else None."""
+    checkpointer = checkpointer or Checkpointer()
+    earlier = checkpointer.finish()  # the previous save completes before this one starts
+    blocked_from = time.perf_counter()
     save_dir = Path(options.save_dir)
-    tag = tag_for(iteration)
-    tag_dir = save_dir / tag
+    tag_dir = save_dir / tag_for(iteration)
     rank = _rank()
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # a leftover of an interrupted save, or an older run
-            shutil.rmtree(tag_dir)
+            remove_checkpoint(tag_dir)
     _barrier()
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    hold = checkpointer.asynchronous
+    capture = CaptureEngine(engine.checkpoint_engine, tag_dir, hold=hold,
+                            save_optimizer=options.save_optimizer)
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = capture
+    try:
+        engine.save_checkpoint(str(save_dir), tag=tag_dir.name, client_state=client_state,
+                               save_latest=False)
+    finally:
+        engine.checkpoint_engine = inner
+    extra: list[tuple[Path, Any]] = []
     if options.save_rng:
-        rng_dir = tag_dir / "rng"
-        rng_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(tracker), rng_dir / f"rank_{rank:05d}.pt")
+        extra.append((tag_dir / "rng" / f"rank_{rank:05d}.pt", host_copy(rng_state(tracker))))
     if options.layout is not None:
         write_layout(tag_dir, engine, options.layout)
     if rank == 0:
-        cfg_dir = tag_dir / "configs"
-        cfg_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in config_files.items():
-            (cfg_dir / name).write_text(text)
-        if kill_before_complete:  # fault injection: die as a crash mid-save would
-            os.kill(os.getpid(), signal.SIGKILL)
-    _barrier()
-    if rank == 0:
-        if not options.save_optimizer:
-            _strip_optimizer_state(tag_dir)
-        write_manifest(tag_dir, iteration, has_optimizer=options.save_optimizer)
-        atomic_write(save_dir / LATEST, tag)
-        prune_checkpoints(save_dir, options.keep_last_n, protect=tag)
-    _barrier()
-    return tag_dir
+        extra += [(tag_dir / "configs" / name, text) for name, text in config_files.items()]
+    job = SaveJob(save_dir=save_dir, tag_dir=tag_dir, iteration=iteration, rank=rank,
+                  world_size=_world_size(), group=checkpointer.group,
+                  files=capture.held + extra, entries=capture.entries,
+                  has_optimizer=options.save_optimizer, keep_last_n=options.keep_last_n,
+                  kill_before_complete=kill_before_complete, copy_s=capture.copy_s,
+                  write_s=capture.write_s)
+    if hold:
+        job.blocked_s = time.perf_counter() - blocked_from
+        checkpointer.writer.submit(job)
+        return earlier
+    checkpointer.writer.submit(job)
+    _barrier()  # no rank goes on before latest names the new checkpoint
+    job.blocked_s = time.perf_counter() - blocked_from
+    return job.line()
 
 
-def _strip_optimizer_state(tag_dir: Path) -> None:
-    """``no_save_optim``: drop the optimizer state DeepSpeed wrote (ZeRO shards and the
-    ``optimizer`` entry of the model-state files). Runs on rank 0 once every rank has written."""
-    for path in tag_dir.glob("*optim_states.pt"):
-        path.unlink(missing_ok=True)
-    for path in tag_dir.glob("*model_states.pt"):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if isinstance(state, dict) and state.get("optimizer") is not None:
-            state["optimizer"] = None
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+# ----------------------------------------------------------------------------- load
 
 
 @dataclass(frozen=True)
@@ -194,6 +219,7 @@ class LoadOptions:
     load_rng: bool = True
     finetune: bool = False
     layout: RunLayout | None = None  # the running layout; a different one reshards on load
+    iteration: int | None = None
 
 
 @dataclass(frozen=True)
@@ -204,14 +230,15 @@ class Loaded:
 
 
 def refuse_to_start_over(load_dir: Path) -> None:
-    """With checkpoints in ``load_dir`` but no ``latest`` (deleted, or the folder copied without
-    it), starting from scratch would overwrite them: stop and say which exist instead."""
+    """With complete checkpoints in ``load_dir`` but no ``latest`` (deleted, or the folder
+    copied without it), starting from scratch would overwrite them: stop and say which exist
+    instead. Incomplete ones alone (a run killed during its first save) are no reason to stop:
+    the new run replaces them."""
     steps = step_directories(load_dir)
-    if not steps:
-        return
     complete = [p for _, p in complete_checkpoints(load_dir)]
-    newest = f"; the newest complete one is {complete[-1].name}" if complete else \
-        "; none of them is complete"
+    if not complete:
+        return  # interrupted saves only (a kill during the first save): nothing to lose
+    newest = f"; the newest complete one is {complete[-1].name}"
     names = ", ".join(p.name for p in steps[-5:]) + (" ..." if len(steps) > 5 else "")
     raise CheckpointError(
         f"{load_dir}: holds {names} but no '{LATEST}' file{newest}: write the tag to resume "
@@ -228,6 +255,51 @@ def _earlier_hint(load_dir: Path, tag: str) -> str:
             f"'{others[-1].name}' into {load_dir / LATEST} to resume from it)")
 
 
+def _newer_complete(load_dir: Path, tag: str, log: Callable[[str], None]) -> str:
+    """A complete checkpoint newer than the one ``latest`` names exists when a save was cut
+    between writing its manifest and updating ``latest``: resume from it."""
+    match = TAG_PATTERN.match(tag)
+    if match is None:
+        return tag
+    for step, path in reversed(complete_checkpoints(load_dir)):
+        if step <= int(match.group(1)):
+            break
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        log(f"{path} is complete and newer than {tag}, which '{LATEST}' names (a save was "
+            "interrupted before updating it): loading it")
+        return path.name
+    return tag
+
+
+def choose_checkpoint(options: LoadOptions, log: Callable[[str], None]) -> tuple[Path, str] | None:
+    """The directory and tag to load: ``load`` itself when it is a ``global_stepN`` directory,
+    ``global_step{iteration}`` when ``iteration`` is set, else the tag ``latest`` names (or a
+    newer complete checkpoint); None when there is nothing to load."""
+    load_dir = Path(options.load_dir)
+    if TAG_PATTERN.match(load_dir.name) and not (load_dir / LATEST).is_file() and \
+            ((load_dir / MANIFEST).is_file() or any(load_dir.glob("*model_states.pt"))):
+        if options.iteration is not None and tag_for(options.iteration) != load_dir.name:
+            raise CheckpointError(f"{load_dir}: load names this checkpoint directory, but "
+                                  f"iteration is {options.iteration}")
+        return load_dir.parent, load_dir.name
+    if options.iteration is not None:
+        tag = tag_for(options.iteration)
+        if not (load_dir / tag).is_dir():
+            found = ", ".join(p.name for p in step_directories(load_dir)[-5:]) or "none"
+            raise CheckpointError(f"{load_dir / tag}: not found (iteration: "
+                                  f"{options.iteration}; checkpoints in {load_dir}: {found})")
+        return load_dir, tag
+    tag = read_latest(load_dir)
+    if tag is None:
+        refuse_to_start_over(load_dir)
+        log(f"no checkpoint in {load_dir} (no '{LATEST}' file): starting from scratch")
+        return None
+    return load_dir, _newer_complete(load_dir, tag, log)
+
+
 def load_checkpoint(
     engine: Any,
     options: LoadOptions,
@@ -235,13 +307,12 @@ def load_checkpoint(
     tracker: Any | None,
     log: Callable[[str], None] = print,
 ) -> Loaded | None:
-    """Load the newest complete checkpoint of ``load_dir``; None when there is none."""
-    load_dir = Path(options.load_dir)
-    tag = read_latest(load_dir)
-    if tag is None:
-        refuse_to_start_over(load_dir)
-        log(f"no checkpoint in {load_dir} (no '{LATEST}' file): starting from scratch")
+    """Load the chosen complete checkpoint (see :func:`choose_checkpoint`); None when there
+    is none."""
+    chosen = choose_checkpoint(options, log)
+    if chosen is None:
         return None
+    load_dir, tag = chosen
     tag_dir = load_dir / tag
     try:
         manifest = verify_checkpoint(tag_dir)
@@ -267,11 +338,7 @@ def load_checkpoint(
     if options.load_rng and not module_only:
         rng_file = tag_dir / "rng" / f"rank_{rng_rank:05d}.pt"
         if rng_file.is_file():
-            try:
-                states = torch.load(rng_file, map_location="cpu", weights_only=False)
-            except Exception as exc:
-                raise CheckpointError(f"{rng_file}: cannot load ({exc})") from None
-            set_rng_state(states, tracker)
+            set_rng_state(load_file(rng_file), tracker)
         else:
             log(f"warning: {rng_file} not found (different world size?); RNG states not restored")
     iteration = 0 if module_only else int(client_state.get("iteration", manifest["iteration"]))
@@ -284,11 +351,14 @@ def _load_same_layout(engine: Any, load_dir: Path, tag: str, load_optimizer: boo
     """The fast path: DeepSpeed's engine loads the files of its own layout."""
     tag_dir = load_dir / tag
     try:
-        path, client_state = engine.load_checkpoint(
-            str(load_dir), tag=tag,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=False, load_module_only=module_only,
-        )
+        with safe_engine_loads(engine):
+            path, client_state = engine.load_checkpoint(
+                str(load_dir), tag=tag,
+                load_optimizer_states=load_optimizer,
+                load_lr_scheduler_states=False, load_module_only=module_only,
+            )
+    except CheckpointError:
+        raise
     except FileNotFoundError as exc:  # files of another layout, saved before layouts were recorded
         raise CheckpointError(
             f"{tag_dir}: has no {Path(str(exc.filename or '')).name or 'file'} for this parallel "

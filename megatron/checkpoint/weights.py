@@ -42,6 +42,7 @@ from megatron.checkpoint.manifest import (
     write_manifest,
 )
 from megatron.checkpoint.reshard import StateDict, merge_tp_shards, split_tp
+from megatron.checkpoint.safe_load import load_file
 from megatron.model import pipeline_key_to_model_key
 from megatron.model.args import ModelArgs
 from megatron.model.gpt import layer_plan
@@ -120,10 +121,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
 
 # ----------------------------------------------------------------------- reading
 def _load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
+    return load_file(path)  # weights_only=True: loading runs no code from the file
 
 
 def read_shard(info: CheckpointInfo, tp_rank: int, model: ModelArgs) -> StateDict:

@@ -57,6 +57,7 @@ def _ranges(cfg: NeoXConfig, loc: Locator) -> None:
         "eval_iters": cfg.training.eval_iters, "min_lr": cfg.lr.min_lr,
         "weight_decay": cfg.optim.weight_decay, "init_method_std": cfg.model.init_method_std,
         "gradient_clipping": cfg.training.gradient_clipping, "num_workers": cfg.data.num_workers,
+        "iteration": cfg.training.iteration,
     }
     for name, value in not_negative.items():
         if value is not None and value < 0:

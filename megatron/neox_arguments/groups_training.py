@@ -104,8 +104,9 @@ class TrainingArgs:
         None, "Fault injection for testing atomic checkpoints: rank 0 kills itself (SIGKILL) "
         "while saving at these iterations, after the weights are written and before the "
         "checkpoint is marked complete.", origin="Here")
-    iteration: int = key(0, "Iteration to start from (set by loading a checkpoint).",
-                         derived=True)
+    iteration: int | None = key(
+        None, "Load the checkpoint of this iteration (global_stepN in the load directory) "
+        "instead of the one 'latest' names.")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,11 @@ class CheckpointArgs:
     extra_save_iters: list[int] | None = key(None, "Additional iterations to save at.")
     keep_last_n_checkpoints: int | None = key(None, "Delete older checkpoints, keeping this "
                                               "many.")
+    async_save: bool = key(
+        False, "Write checkpoints in a background thread: training waits only while the state "
+        "is copied to host memory; the files, the manifest and 'latest' follow in order, and "
+        "the next save, a stop on a signal and the end of the run wait for the write.",
+        origin="Meg")
     no_save_optim: bool = key(False, "Leave the optimizer state out of checkpoints.",
                               origin="Meg")
     no_save_rng: bool = key(False, "Leave RNG states out of checkpoints.", origin="Meg")

@@ -7,6 +7,7 @@ datasets and loaders positioned at the consumed-sample counts -> train -> test.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -20,7 +21,13 @@ import torch
 from megatron import accelerator
 from megatron.checkpoint import CheckpointError
 from megatron.checkpoint.relayout import run_layout
-from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
+from megatron.checkpoint.resume import (
+    Checkpointer,
+    LoadOptions,
+    SaveOptions,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron.runtime import Runtime, start
 from megatron.training.control import world_max
 from megatron.training.data_setup import (
@@ -70,6 +77,7 @@ class Trainer:
         self.tokenizer, self.metrics = rt.tokenizer, metrics
         self.progress = Progress()
         self.loaded_iteration: int | None = None
+        self.saved_iteration: int | None = None
         self.guard = engine.guard
         self.stop = stop if stop is not None else StopSignal()
         if not self.cfg.training.save_on_signal:
@@ -77,6 +85,8 @@ class Trainer:
         self.inject = set(self.cfg.training.inject_nonfinite_loss_iters or ())
         self.started = time.time()
         self.resumed_state: dict[str, Any] | None = None
+        self.checkpointer = Checkpointer(asynchronous=self.cfg.checkpoint.async_save) \
+            if self.cfg.checkpoint.save else None
 
     # ------------------------------------------------------------------ checkpoints
     def config_files(self) -> dict[str, str]:
@@ -89,7 +99,8 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.save:
             return
-        save_checkpoint(
+        self.saved_iteration = self.progress.iteration
+        line = save_checkpoint(
             self.engine.ds, SaveOptions(ck.save, ck.keep_last_n_checkpoints,
                                         save_optimizer=not ck.no_save_optim,
                                         save_rng=not ck.no_save_rng,
@@ -99,10 +110,22 @@ class Trainer:
                           **self.engine.client_state()},
             tracker=self.rt.tracker, config_files=self.config_files(),
             kill_before_complete=self.progress.iteration in
-            (self.cfg.training.inject_kill_during_save_iters or ()))
-        self.metrics.info(f"saved checkpoint at iteration {self.progress.iteration} to {ck.save}")
+            (self.cfg.training.inject_kill_during_save_iters or ()),
+            checkpointer=self.checkpointer)
+        if line is not None:
+            self.metrics.info(line)
         line = self.engine.after_save()
         if line is not None:
+            self.metrics.info(line)
+
+    def poll_saves(self) -> None:
+        """Log the line of a background save that has finished."""
+        if self.checkpointer is not None and (line := self.checkpointer.poll()) is not None:
+            self.metrics.info(line)
+
+    def finish_saves(self) -> None:
+        """Wait for the save in flight (the end of the run, a stop on a signal)."""
+        if self.checkpointer is not None and (line := self.checkpointer.finish()) is not None:
             self.metrics.info(line)
 
     def load(self) -> None:
@@ -113,7 +136,8 @@ class Trainer:
             self.engine.ds,
             LoadOptions(ck.load, load_optimizer=not ck.no_load_optim,
                         load_rng=not ck.no_load_rng, finetune=ck.finetune,
-                        layout=run_layout(self.cfg, self.rt.state)),
+                        layout=run_layout(self.cfg, self.rt.state),
+                        iteration=self.cfg.training.iteration),
             tracker=self.rt.tracker, log=self.metrics.info)
         if loaded is None or ck.finetune:
             return
@@ -211,6 +235,7 @@ class Trainer:
                 self.log_training()
             if t.do_valid and valid_it is not None and p.iteration % t.eval_interval == 0:
                 self.evaluate(valid_it, "validation")
+            self.poll_saves()
             saved = False
             if self.should_save(p.iteration):
                 self.save()
@@ -241,7 +266,9 @@ class Trainer:
             where = f"checkpoint: {Path(self.cfg.checkpoint.load) / f'global_step{it}'} " \
                 "(loaded by this run; nothing new to save)"
         elif save_dir:
-            self.save()
+            if self.saved_iteration != it:  # not saved on schedule at this boundary already
+                self.save()
+            self.finish_saves()  # an async write completes before the process ends
             where = f"checkpoint: {Path(save_dir) / f'global_step{it}'}"
         else:
             where = "no checkpoint written (`save` is not set)"
@@ -286,7 +313,11 @@ def train(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
         reason = trainer.train(train_set, valid_set)
         if reason == "done" and rt.cfg.training.do_test and test_set is not None:
             trainer.evaluate(cycle_from(test_set, rt.cfg, rt.state, 0), "test")
+        trainer.finish_saves()
     finally:
+        if sys.exc_info()[0] is not None:  # an error ends the run: the save in flight completes
+            with contextlib.suppress(Exception):
+                trainer.finish_saves()
         trainer.stop.release()
         metrics.close()
     accelerator.synchronize()

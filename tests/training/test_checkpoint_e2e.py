@@ -158,3 +158,30 @@ def test_resume_with_a_longer_schedule_is_a_one_line_error(corpus, tmp_path, uni
     assert "Traceback" not in proc.stderr + proc.stdout
     assert f"{ckpt}: iteration 6: lr scheduler: the checkpoint has" in proc.stderr
     assert "override_lr_scheduler" in proc.stderr
+
+
+def test_async_saves_crash_mid_write_and_resume_with_equal_losses(corpus, tmp_path,
+                                                                  uninterrupted):
+    """2 ranks, async_save: rank 0 is killed in the background write of iteration 4 (files
+    written, manifest not); latest still names global_step2, the resume continues from it
+    with the uninterrupted run's losses, and each save logs one line with both times."""
+    run = tmp_path / "run"
+    values = base_values(corpus, run, save=str(run / "ckpt"), load=str(run / "ckpt"),
+                         save_interval=2, async_save=True, **TRAIN)
+    crashed = run_deepy("configs/tiny_neox.yml", write_config(
+        tmp_path / "a.yml", {**values, "inject_kill_during_save_iters": [4]}))
+    assert crashed.returncode != 0
+    ckpt = run / "ckpt"
+    assert (ckpt / "latest").read_text() == "global_step2"
+    assert not (ckpt / "global_step4" / "manifest.json").exists()
+    resumed = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "b.yml", values))
+    assert resumed.returncode == 0, explain(resumed)
+    assert "(iteration 2)" in resumed.stdout
+    assert (ckpt / "latest").read_text() == "global_step6"
+    lines = [line for line in resumed.stdout.splitlines() if "saved checkpoint at" in line]
+    assert len(lines) == 2 and all("training blocked" in line and "write in the background"
+                                   in line for line in lines), lines
+    after = {r["iteration"]: r["lm_loss"] for r in records(run)[-4:]}
+    reference = losses(uninterrupted)
+    for it in (3, 4, 5, 6):
+        assert after[it] == pytest.approx(reference[it], abs=1e-6, rel=0), it
