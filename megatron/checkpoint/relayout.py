@@ -39,6 +39,7 @@ import torch
 
 from megatron.checkpoint.manifest import CheckpointError, atomic_write
 from megatron.checkpoint.reshard import REPLICATED, merge_tp_shards, split_rules
+from megatron.checkpoint.safe_load import load_file
 from megatron.checkpoint.weights import CheckpointInfo, read_shard
 from megatron.model.args import ModelArgs
 from megatron.model.pipeline import pipeline_key_to_model_key
@@ -214,10 +215,9 @@ def parse_state_dict_error(tag_dir: Path, message: str) -> str | None:
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the checkpoint")
-    try:  # DeepSpeed's files hold its own objects (loss scaler, fragment addresses)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
+    # DeepSpeed's files hold a few data-only objects of its own (loss scaler, fragment
+    # addresses): load_file allows those and nothing that could run code
+    return load_file(path)
 
 
 @dataclass

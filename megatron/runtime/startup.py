@@ -123,6 +123,7 @@ def _one_line(exc: BaseException) -> str:
     return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
+TEARDOWN_TIMEOUT_S = 5.0  # a failed rank's process-group teardown
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
               "Broken pipe", "Socket closed", "remote worker crashing")
 
@@ -163,10 +164,22 @@ def run_main(main: Any) -> None:
         print(f"interrupted (rank {rank})", file=sys.stderr, flush=True)
         code = 130
     if code:
-        # a failed rank leaves at once: tearing the process group down may wait for peers
-        # that are themselves blocked in a collective with this rank
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        # a failed rank tears its process group down without waiting for peers; if that blocks
+        # (a peer stuck in a collective with this rank), it leaves without the interpreter's
+        # exit path, where gloo's threads could abort the process
+        import threading
+
+        done = threading.Event()
+
+        def teardown() -> None:
+            shutdown_distributed(synchronize=False)
+            done.set()
+
+        threading.Thread(target=teardown, daemon=True).start()
+        if not done.wait(TEARDOWN_TIMEOUT_S):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
     shutdown_distributed(synchronize=True)
     sys.exit(0)
