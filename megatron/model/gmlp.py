@@ -5,13 +5,14 @@ layer types)::
     [res; gate] = h
     gate = causal_spatial(norm_ff(gate))            W[:s, :s] lower triangle, bias[:s]
     gate = gate + tiny_attention(h)                 aMLP only: one head of width gmlp_attn_dim
-    out = x + output_linear(gate * res)
+    out = output_linear(gate * res)                 no residual, as in GPT-NeoX
 
 ``causal_spatial`` mixes positions with a learned ``[seq_length, seq_length]`` matrix (zero
 init, bias one, so a new layer starts as a plain gated MLP), masked to earlier positions.
 ``expansion_factor`` defaults to 4 (GPT-NeoX's fixed ``ff_mult``); ``activation`` is the
-config's. GPT-NeoX returns the block's output without the residual; here the residual of the
-gMLP paper is kept (``x +``), which the layer needs to train in a deep stack.
+config's. As in GPT-NeoX's block, the output replaces the layer's input: there is no residual
+connection around the block (the gMLP paper has one), so a GPT-NeoX gMLP config builds the
+model it builds there.
 
 Tensor parallelism is refused by the config checks (the gate's norm would see a slice of the
 features). The spatial matrix limits sequences to ``seq_length`` tokens. With a generation
@@ -118,4 +119,4 @@ class GMLPLayer(nn.Module):
         if self.attn is not None:
             spatial = spatial + self.attn(h, new)
         out = (spatial * res[:, t - new:]).transpose(0, 1)
-        return act.with_x(x + F.dropout(self.output_linear(out), 0.0, self.training))
+        return act.with_x(F.dropout(self.output_linear(out), 0.0, self.training))

@@ -13,6 +13,11 @@ _PASSTHROUGH = (
     "data_efficiency", "checkpoint", "activation_checkpointing",
 )  # fmt: skip
 
+# the keys of DeepSpeed's bf16 block; GPT-NeoX configs (RWKV's, for one) copy the fp16 block's
+# loss-scaling keys into it, which mean nothing for bf16 and which DeepSpeed refuses
+BF16_KEYS = ("enabled", "immediate_grad_update", "check_grad_overflow",
+             "bf16_master_weights_and_grads", "bf16_optimizer_states")
+
 
 def build_deepspeed_config(cfg: NeoXConfig, *, client_optimizer: bool = True) -> dict[str, Any]:
     """DeepSpeed's config dict for ``deepspeed.initialize``.
@@ -37,7 +42,7 @@ def build_deepspeed_config(cfg: NeoXConfig, *, client_optimizer: bool = True) ->
         "zero_optimization": dict(ds.zero_optimization or {"stage": 0}),
     }
     fp16 = dict(prec.fp16 or {})
-    bf16 = dict(prec.bf16 or {})
+    bf16 = {k: v for k, v in (prec.bf16 or {}).items() if k in BF16_KEYS}
     fp16["enabled"] = prec.precision == "fp16"
     bf16["enabled"] = prec.precision == "bfloat16"
     if fp16["enabled"] or prec.fp16 is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from megatron.neox_arguments import checks
 from megatron.neox_arguments.config import NeoXConfig, padded_vocab_size
+from megatron.neox_arguments.deepspeed_config import BF16_KEYS
 from megatron.neox_arguments.fields import ConfigError, coerce, type_name
 from megatron.neox_arguments.groups_training import OPTIMIZER_TYPES
 from megatron.neox_arguments.loader import MergedConfig
@@ -194,6 +195,10 @@ def resolve_config(merged: MergedConfig, facts: RunFacts | None = None) -> NeoXC
 
     derived: dict[str, Any] = {}
     derived["precision"] = _resolve_precision(values, loc)
+    extra_bf16 = sorted(set(values.get("bf16") or {}) - {"bf16", *BF16_KEYS})
+    if extra_bf16:
+        warnings.append(f"bf16: {', '.join(extra_bf16)} (loss scaling) have no meaning for "
+                        "bf16 and are not passed to DeepSpeed")
     derived["optimizer_type"], derived["lr"] = _resolve_optimizer(values, loc, facts.purpose)
 
     mp = values.get("model_parallel_size", 1)

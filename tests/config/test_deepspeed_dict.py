@@ -85,3 +85,20 @@ def test_deepspeed_accepts_the_dict():
     assert parsed.gradient_accumulation_steps == 4
     assert parsed.zero_optimization_stage == 3
     assert parsed.bfloat16_config.enabled
+
+
+def test_a_bf16_block_with_loss_scaling_keys_is_accepted_by_deepspeed():
+    """GPT-NeoX's RWKV configs copy the fp16 block's loss-scaling keys into the bf16 block;
+    DeepSpeed refuses them there. They are dropped with one warning."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    block = {"bf16": True, "enabled": True, "loss_scale": 0, "loss_scale_window": 1000,
+             "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1}
+    cfg = make_cfg(world_size=1, train_batch_size=8, train_micro_batch_size_per_gpu=2,
+                   bf16=block)
+    ds = build_deepspeed_config(cfg)
+    assert ds["bf16"] == {"enabled": True}
+    assert DeepSpeedConfig(ds).bfloat16_config.enabled
+    assert [w for w in cfg.warnings if w.startswith("bf16: hysteresis, initial_scale_power, "
+                                                    "loss_scale, loss_scale_window, "
+                                                    "min_loss_scale (loss scaling)")]
