@@ -26,6 +26,7 @@ from megatron.model.args import (
     mamba_dt_rank,
     mamba_inner_width,
     mlp_width,
+    moe_expert_width,
     rwkv_dims,
 )
 
@@ -38,6 +39,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     ffn: int  # width of the MLP hidden layer (each half when gated)
+    expert_ffn: int  # width of one mixture-of-experts expert (each half when gated)
     gated: bool
     vocab: int  # padded vocabulary
     seq: int
@@ -53,6 +55,7 @@ class ModelShape:
             kv_heads=model.num_kv_heads or heads,
             head_dim=model.hidden_size // heads,
             ffn=mlp_width(model, model.activation),
+            expert_ffn=moe_expert_width(model),
             gated=model.activation in GATED_ACTIVATIONS,
             vocab=padded_vocab,
             seq=model.seq_length or 0,
@@ -67,6 +70,10 @@ class ModelShape:
 
     def mlp_matmul_params(self) -> int:
         return self.hidden * self.ffn * (2 if self.gated else 1) + self.ffn * self.hidden
+
+    def expert_matmul_params(self) -> int:
+        return self.hidden * self.expert_ffn * (2 if self.gated else 1) \
+            + self.expert_ffn * self.hidden
 
     def layer_matmul_params(self) -> int:
         return self.attention_matmul_params() + self.mlp_matmul_params()
@@ -176,7 +183,7 @@ def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     # the dense MLP and its biases (layers without attention have no MLP)
     mlp_biases = s.ffn * (2 if s.gated else 1) + s.hidden if model.use_bias_in_mlp else 0
     experts = model.moe_num_experts
-    moe_mlp = experts * s.mlp_matmul_params() + experts * s.hidden
+    moe_mlp = experts * s.expert_matmul_params() + experts * s.hidden
     total += sum(1 for d in _unique_depths(model)
                  if is_moe_layer(model, d) and kinds[d] not in MIXER_TYPES) * (
         moe_mlp - s.mlp_matmul_params() - mlp_biases)
@@ -210,7 +217,7 @@ def active_parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     s = ModelShape.from_config(model, padded_vocab)
     idle = model.moe_num_experts - min(model.moe_top_k, model.moe_num_experts)
     moe_layers = sum(1 for d in _unique_depths(model) if is_moe_layer(model, d))
-    return total - moe_layers * idle * s.mlp_matmul_params()
+    return total - moe_layers * idle * s.expert_matmul_params()
 
 
 def flops_per_token(model: ModelArgs, padded_vocab: int, *, recompute: bool = False) -> float:
@@ -236,7 +243,7 @@ def flops_per_token(model: ModelArgs, padded_vocab: int, *, recompute: bool = Fa
     layer_forward = 2.0 * s.layer_matmul_params() + 4.0 * s.seq * s.heads * s.head_dim
     kinds = _layer_kinds(model)
     # a mixture-of-experts layer runs the router and moe_top_k experts per token
-    moe_extra = 2.0 * (max(0, model.moe_top_k - 1) * s.mlp_matmul_params()
+    moe_extra = 2.0 * (model.moe_top_k * s.expert_matmul_params() - s.mlp_matmul_params()
                        + s.hidden * model.moe_num_experts)
     layers_forward = sum(_mixer_forward_flops(model, k) if k in MIXER_TYPES else
                          layer_forward + (moe_extra if is_moe_layer(model, d) else 0.0)

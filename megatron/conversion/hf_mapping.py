@@ -33,7 +33,12 @@ from typing import Any
 import torch
 
 from megatron.conversion import hf_mamba
-from megatron.model.args import ModelArgs, attention_layer_types, mlp_width
+from megatron.model.args import (
+    ModelArgs,
+    attention_layer_types,
+    mlp_width,
+    moe_expert_width,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -159,7 +164,8 @@ def hf_config(model: ModelArgs, architecture: str, *, vocab_size: int,
     common: dict[str, Any] = {
         "vocab_size": vocab_size, "hidden_size": model.hidden_size,
         "num_hidden_layers": model.num_layers, "num_attention_heads": heads,
-        "intermediate_size": mlp_width(model, model.activation),
+        "intermediate_size": moe_expert_width(model) if architecture == "mixtral"
+        else mlp_width(model, model.activation),
         "max_position_embeddings": model.max_position_embeddings,
         "tie_word_embeddings": not model.no_weight_tying,
         "attention_dropout": model.attention_dropout,
@@ -398,6 +404,9 @@ def neox_values_from_hf(hf: Any) -> tuple[str, dict[str, Any]]:
         use_bias_in_norms=False, use_bias_in_attn_linear=bool(getattr(hf, "attention_bias", False)),
         use_bias_in_mlp=bool(getattr(hf, "mlp_bias", False)),
     )  # fmt: skip
+    if arch in ("llama", "mistral"):
+        # GPT-NeoX's gated MLP is 1/3 of intermediate_size wide (mlp_projection_widths)
+        values.update(intermediate_size=3 * hf.intermediate_size, mlp_multiple_of=1)
     if arch == "mixtral":
         jitter = float(getattr(hf, "router_jitter_noise", 0.0) or 0.0)
         values.update(

@@ -52,11 +52,14 @@ class ModelArgs:
         None, "Number of key/value heads for grouped-query attention; unset means "
         "num_attention_heads (multi-head attention).")
     intermediate_size: int | None = key(
-        None, "MLP hidden width (for gated activations: the width of each of the two halves, as "
-        "Hugging Face Llama counts it). Unset: 4 x hidden_size, or for gated activations "
-        "8/3 x hidden_size rounded up to a multiple of mlp_multiple_of.")
-    mlp_multiple_of: int = key(1, "Round the derived gated-MLP width up to a multiple of this "
-                               "(Llama uses 256).")
+        None, "MLP base width as GPT-NeoX counts it (default 4 x hidden_size). Gated "
+        "activations take 2/3 of it for both halves together, so each half is "
+        "intermediate_size / 3 (rounded by mlp_multiple_of): Llama-2-7B's 11008 is "
+        "intermediate_size 32768 with mlp_multiple_of 256. Mixture-of-experts experts and "
+        "mlp_type: llama take it as the width of each half.")
+    mlp_multiple_of: int = key(
+        1, "Round the MLP's first projection up to a multiple of 2 x this and the second "
+        "projection's input to a multiple of this (Llama uses 256).")
     seq_length: int | None = key(None, "Training sequence length.", origin="Meg")
     max_position_embeddings: int | None = key(
         None, "Largest position the model supports (size of the learned position table); "
@@ -170,9 +173,10 @@ class ModelArgs:
         False, "Mamba layers: biases in the in/x/out projections (not with "
         "mamba_inner_func_fusion).")
     expansion_factor: float | None = key(
-        None, "Width multiple of the layers without attention: Mamba's inner width "
-        "(default 2), RWKV's channel-mix width (default 3.5; intermediate_size wins), gMLP/aMLP's "
-        "feed-forward width (default 4).")
+        None, "Width multiple: the transformer MLP's base width is expansion_factor x "
+        "hidden_size when intermediate_size is unset; Mamba's inner width (default 2), RWKV's "
+        "channel-mix width (default 3.5; intermediate_size wins), gMLP/aMLP's feed-forward "
+        "width (default 4).")
     dim_att: int | None = key(None, "RWKV layers: width of the time-mix (default hidden_size).")
     head_size: int | None = key(
         None, "RWKV layers: size of one time-mix head; must equal dim_att / "
@@ -246,16 +250,63 @@ def attention_layer_types(attention_config: Any, num_layers: int) -> list[str]:
     return out
 
 
-def mlp_width(model: ModelArgs, activation: str) -> int:
-    """Width of the MLP's hidden layer (of each half for gated activations)."""
+def mlp_projection_widths(model: ModelArgs, activation: str) -> tuple[int, int]:
+    """GPT-NeoX's two MLP widths: ``(output of the first projection, input of the second)``.
+
+    The base width is ``intermediate_size``, else ``expansion_factor x hidden_size``, else
+    ``4 x hidden_size``. Gated activations take 2/3 of it for the first projection (both
+    halves together) and half of that for the second. The first is then rounded up to a
+    multiple of ``2 x mlp_multiple_of`` and the second to a multiple of ``mlp_multiple_of``.
+    The two agree (first = 2 x second when gated, equal otherwise) for every model GPT-NeoX
+    can build; see :func:`mlp_width`.
+    """
+    assert model.hidden_size is not None
+    if model.intermediate_size:
+        base = model.intermediate_size
+    elif model.expansion_factor:
+        base = int(model.expansion_factor * model.hidden_size)
+    else:
+        base = 4 * model.hidden_size
+    first, second = base, base
+    if activation in GATED_ACTIVATIONS:
+        first = int(base * 2 / 3)
+        second = first // 2
+    multiple = max(1, model.mlp_multiple_of)
+    first = 2 * multiple * -(-first // (2 * multiple))
+    second = multiple * -(-second // multiple)
+    return first, second
+
+
+def legacy_llama_width(model: ModelArgs) -> int:
+    """Per-half width of ``mlp_type: llama`` MLPs and of mixture-of-experts experts:
+    ``intermediate_size`` as is, else ``8/3 x hidden_size`` rounded up to ``mlp_multiple_of``
+    (``4 x hidden_size`` for plain activations)."""
     if model.intermediate_size is not None:
         return model.intermediate_size
     assert model.hidden_size is not None
-    if activation in GATED_ACTIVATIONS:
-        width = int(2 * 4 * model.hidden_size / 3)
+    if model.activation in GATED_ACTIVATIONS:
         multiple = max(1, model.mlp_multiple_of)
-        return multiple * ((width + multiple - 1) // multiple)
+        return multiple * -(-int(2 * 4 * model.hidden_size / 3) // multiple)
     return 4 * model.hidden_size
+
+
+def mlp_width(model: ModelArgs, activation: str) -> int:
+    """Width of the dense MLP's hidden layer (of each half for gated activations).
+
+    GPT-NeoX's rule (:func:`mlp_projection_widths`): the input width of the second projection.
+    Where GPT-NeoX's first projection disagrees with it (GPT-NeoX then fails at its first
+    forward pass; config validation warns), the first projection is built to match. The legacy
+    ``mlp_type: llama`` switch keeps GPT-NeoX's old Llama MLP rule (:func:`legacy_llama_width`).
+    """
+    if model.mlp_type == "llama":
+        return legacy_llama_width(model)
+    return mlp_projection_widths(model, activation)[1]
+
+
+def moe_expert_width(model: ModelArgs) -> int:
+    """Width of one mixture-of-experts expert (each half when gated): ``intermediate_size`` as
+    is, as GPT-NeoX's grouped expert MLPs take it (:func:`legacy_llama_width`)."""
+    return legacy_llama_width(model)
 
 
 # widths of the layers without attention (docs/ssm.md)

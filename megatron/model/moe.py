@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from megatron.model.activations import activation_function, is_gated
-from megatron.model.args import ModelArgs, mlp_width
+from megatron.model.args import ModelArgs, moe_expert_width
 from megatron.model.init_methods import InitFn
 from megatron.model.router import Router
 from megatron.parallel.experts import ExpertExchange
@@ -158,7 +158,7 @@ class MoEMLP(nn.Module):
         if experts % ep:
             raise ValueError(f"moe_num_experts {experts} is not divisible by "
                              f"expert_model_parallel_size {ep}")
-        ffn = mlp_width(model, model.activation)
+        ffn = moe_expert_width(model)
         if ffn % state.tp_size:
             raise ValueError(f"MoE expert width {ffn} is not divisible by tensor parallel "
                              f"{state.tp_size}")

@@ -14,8 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from megatron.model.args import (
     ATTENTION_TYPES,
+    GATED_ACTIVATIONS,
+    MIXER_TYPES,
     SPARSE_ATTENTION_TYPES,
     attention_layer_types,
+    is_moe_layer,
+    mlp_projection_widths,
     mlp_width,
 )
 from megatron.neox_arguments.checks_input import check_values
@@ -107,6 +111,11 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
                 f"rotates {rotary_dims} of {head_dim} head dimensions; needs an even number "
                 "of at least 2"))
     width = mlp_width(m, m.activation)
+    if _has_dense_mlp(cfg) and m.mlp_type != "llama" and m.intermediate_size is not None \
+            and m.expansion_factor is not None:
+        raise loc.error("intermediate_size", "expansion_factor", message=(
+            "the transformer MLP takes either intermediate_size or expansion_factor, not both "
+            "(as in GPT-NeoX)"))
     if width % mp:
         how = "intermediate_size" if m.intermediate_size is not None else \
             "the MLP width derived from hidden_size"
@@ -143,6 +152,38 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
     if "local" in kinds and m.sliding_window_width is None:
         raise loc.error("sliding_window_width", message="required by 'local' attention layers")
     _mixer_layers(cfg, loc, set(kinds))
+
+
+def _has_dense_mlp(cfg: NeoXConfig) -> bool:
+    """Whether some layer has the dense transformer MLP (not a layer without attention, not
+    a mixture-of-experts layer)."""
+    m = cfg.model
+    assert m.num_layers is not None
+    try:
+        kinds = attention_layer_types(m.attention_config, m.num_layers)
+    except ValueError:
+        return True
+    return any(kind not in MIXER_TYPES and not is_moe_layer(m, depth)
+               for depth, kind in enumerate(kinds))
+
+
+def mlp_warnings(cfg: NeoXConfig) -> list[str]:
+    """A dense MLP whose two GPT-NeoX widths disagree (GPT-NeoX fails on it at the first
+    forward pass; this framework builds both projections for the second width)."""
+    m = cfg.model
+    if m.mlp_type == "llama" or not _has_dense_mlp(cfg):
+        return []
+    first, second = mlp_projection_widths(m, m.activation)
+    halves = 2 if m.activation in GATED_ACTIVATIONS else 1
+    if first == halves * second:
+        return []
+    keys = "intermediate_size" if m.intermediate_size else \
+        "expansion_factor" if m.expansion_factor else "hidden_size"
+    return [f"{keys}/mlp_multiple_of: GPT-NeoX rounds the MLP's first projection to {first} "
+            f"and the second one's input to {second}, which do not fit together (GPT-NeoX "
+            f"fails on this model); this run builds the MLP {second} wide"
+            f"{' per half' if halves == 2 else ''}. Set intermediate_size to 3 x the width "
+            "you want for gated activations, or mlp_multiple_of so that both agree."]
 
 
 def _mixer_layers(cfg: NeoXConfig, loc: Locator, kinds: set[str]) -> None:
