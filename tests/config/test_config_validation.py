@@ -252,9 +252,9 @@ def test_error_names_the_file_that_set_the_key():
 
 
 def test_mlp_width_divisible_by_model_parallel():
-    msg = err(activation="swiglu", hidden_size=32, num_attention_heads=4, model_parallel_size=2,
+    msg = err(activation="swiglu", hidden_size=40, num_attention_heads=4, model_parallel_size=2,
               world_size=2)
-    assert "the MLP width derived from hidden_size (85) is not divisible by model_parallel_size 2" in msg
+    assert "the MLP width derived from hidden_size (53) is not divisible by model_parallel_size 2" in msg
     assert make_cfg(activation="swiglu", hidden_size=32, mlp_multiple_of=2,
                     model_parallel_size=2, world_size=2)
     assert "intermediate_size (90) is not divisible" in err(
@@ -269,3 +269,13 @@ def test_tokenizer_files_are_only_required_for_a_job():
 def test_a_single_value_is_a_one_item_list():
     cfg = make_cfg(eval_tasks="lambada", train_data_weights=None)
     assert cfg.textgen.eval_tasks == ["lambada"]
+
+
+def test_mlp_width_keys_as_gpt_neox_has_them():
+    assert "either intermediate_size or expansion_factor" in err(
+        intermediate_size=96, expansion_factor=2)
+    # the two GPT-NeoX widths disagree (86 != 2 x 42): built 42 wide, with a warning
+    cfg = make_cfg(activation="swiglu", hidden_size=32, num_attention_heads=4)
+    assert [w for w in cfg.warnings if "first projection to 86" in w and "42 wide" in w]
+    assert not [w for w in make_cfg(activation="swiglu", hidden_size=48,
+                                    num_attention_heads=4).warnings if "first projection" in w]

@@ -296,3 +296,40 @@ def test_framework_only_shapes_export_with_the_same_logits(tmp_path, name):
     diff = (ours - hf_logits(tmp_path / "hf", tokens)).abs().max().item()
     print(f"\n{name}: max |dlogit| {diff:.3g}")
     assert ours.abs().max() > 1.0 and diff < TOLERANCE
+
+
+def test_llama2_shaped_mlp_exports_its_real_width_and_imports_back(tmp_path):
+    """A scaled-down Llama-2-7B MLP (GPT-NeoX's intermediate_size 8 x hidden with
+    mlp_multiple_of: 512 / 64 -> 176 per half, as 32768 / 4096 -> 11008)."""
+    import dataclasses
+    import json
+
+    from conversion_helpers import perturb
+    from transformers import AutoConfig
+
+    from megatron.checkpoint.weights import write_checkpoint
+    from megatron.conversion.hf_mapping import neox_values_from_hf
+    from megatron.model import GPTModel
+    from megatron.model.args import ModelArgs, mlp_width
+    from megatron.parallel import ParallelState
+
+    cfg = config_from_values(hidden_size=64, intermediate_size=512, mlp_multiple_of=16,
+                             norm="rmsnorm", activation="swiglu", no_weight_tying=True,
+                             use_bias_in_attn_linear=False, use_bias_in_mlp=False)
+    torch.manual_seed(0)
+    model = GPTModel(cfg.model, cfg.act_ckpt, padded_vocab_size=cfg.tokenizer.padded_vocab_size,
+                     state=ParallelState.single())
+    assert model.layers[0].mlp.dense_4h_to_h.weight.shape == (64, 176)
+    perturb(model, 1, scale=0.3)
+    write_checkpoint(tmp_path / "ck", model.state_dict(), cfg.model,
+                     config_yaml=cfg.merged.to_yaml())
+    neox_to_hf.convert(str(tmp_path / "ck"), str(tmp_path / "hf"), "llama")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["intermediate_size"] == 176
+    tokens = random_tokens(256, seq=16)
+    with torch.no_grad():
+        ours = model.eval()(tokens).float()
+    assert (ours - hf_logits(tmp_path / "hf", tokens)).abs().max().item() < TOLERANCE
+    arch, values = neox_values_from_hf(AutoConfig.from_pretrained(str(tmp_path / "hf")))
+    names = {f.name for f in dataclasses.fields(ModelArgs)}
+    back = ModelArgs(**{k: v for k, v in values.items() if k in names})
+    assert arch == "llama" and mlp_width(back, back.activation) == 176

@@ -14,7 +14,9 @@ from megatron.model.args import (
     SPARSE_ATTENTION_TYPES,
     ModelArgs,
     attention_layer_types,
+    mlp_projection_widths,
     mlp_width,
+    moe_expert_width,
 )
 from megatron.neox_arguments import SECTIONS
 
@@ -37,11 +39,48 @@ def test_attention_config_expands_to_one_type_per_layer() -> None:
 
 def test_mlp_width_rule() -> None:
     assert mlp_width(ModelArgs(hidden_size=48), "gelu") == 192
-    # gated: 8/3 x hidden rounded up to mlp_multiple_of, per half
-    assert mlp_width(ModelArgs(hidden_size=48), "swiglu") == 128
-    assert mlp_width(ModelArgs(hidden_size=48, mlp_multiple_of=100), "swiglu") == 200
-    assert mlp_width(ModelArgs(hidden_size=48, intermediate_size=7), "swiglu") == 7
+    # GPT-NeoX: gated MLPs take 2/3 of the base width (4 x hidden) for both halves together
+    assert mlp_width(ModelArgs(hidden_size=48), "swiglu") == 64
+    assert mlp_projection_widths(ModelArgs(hidden_size=48), "swiglu") == (128, 64)
+    # Llama-2-7B as GPT-NeoX ships it
+    llama2 = ModelArgs(hidden_size=4096, intermediate_size=32768, mlp_multiple_of=256)
+    assert mlp_projection_widths(llama2, "swiglu") == (22016, 11008)
+    assert mlp_width(llama2, "gelu") == 32768
+    # expansion_factor sets the base width; intermediate_size wins over it
+    assert mlp_width(ModelArgs(hidden_size=48, expansion_factor=3), "gelu") == 144
+    assert mlp_width(ModelArgs(hidden_size=48, expansion_factor=3), "swiglu") == 48
+    assert mlp_width(ModelArgs(hidden_size=48, expansion_factor=3, intermediate_size=60),
+                     "gelu") == 60
+    # first projection to a multiple of 2 x mlp_multiple_of, second to mlp_multiple_of
+    assert mlp_projection_widths(ModelArgs(hidden_size=48, mlp_multiple_of=100),
+                                 "swiglu") == (200, 100)
+    assert mlp_projection_widths(ModelArgs(hidden_size=48, mlp_multiple_of=64),
+                                 "gelu") == (256, 192)
+    assert mlp_width(ModelArgs(hidden_size=48, mlp_multiple_of=64), "gelu") == 192
+    # 3 x the width always gives back the width (what the Hugging Face import writes)
+    for width in (7, 176, 11008, 14336):
+        assert mlp_projection_widths(ModelArgs(hidden_size=8, intermediate_size=3 * width),
+                                     "swiglu") == (2 * width, width)
+    # the legacy mlp_type: llama switch and the experts: intermediate_size per half, else
+    # 8/3 x hidden rounded up to mlp_multiple_of
+    legacy = {"hidden_size": 48, "mlp_type": "llama", "activation": "swiglu"}
+    assert mlp_width(ModelArgs(**legacy), "swiglu") == 128
+    assert mlp_width(ModelArgs(**legacy, mlp_multiple_of=100), "swiglu") == 200
+    assert mlp_width(ModelArgs(**legacy, intermediate_size=7), "swiglu") == 7
+    assert moe_expert_width(ModelArgs(hidden_size=48, intermediate_size=7,
+                                      activation="swiglu")) == 7
+    assert moe_expert_width(ModelArgs(hidden_size=48, activation="swiglu")) == 128
+    assert moe_expert_width(ModelArgs(hidden_size=48)) == 192
     assert "swiglu" in GATED_ACTIVATIONS and "gelu" not in GATED_ACTIVATIONS
+
+
+def test_llama2_7b_config_has_the_parameters_of_the_real_model() -> None:
+    from megatron.model_size import parameter_count
+    from tests.model.gpt_model_helpers import load_tiny
+
+    cfg = load_tiny("llama2/7B")
+    assert mlp_width(cfg.model, cfg.model.activation) == 11008
+    assert parameter_count(cfg.model, 32000) == 6_738_415_616  # Llama-2-7b-hf
 
 
 @pytest.mark.parametrize("first", ["megatron.model.args", "megatron.model",
