@@ -155,7 +155,8 @@ class ModelArgs:
     soft_prompt_tuning: dict | None = key(None, "Soft prompt tuning settings.",
                                           unsupported="soft prompt tuning is not supported")
     mlp_type: Literal["regular", "llama"] = key(
-        "regular", "Legacy switch: 'llama' means a SwiGLU MLP without biases.")
+        "regular", "Legacy switch: 'llama' means a SwiGLU MLP without biases, whose "
+        "intermediate_size is the width of each half (GPT-NeoX's former Llama MLP).")
     # --- layers without attention (attention_config types mamba, rwkv, gmlp, amlp); docs/ssm.md
     mamba_selective_scan_fusion: bool = key(
         False, "Mamba layers: run the selective scan with mamba_ssm's fused kernel (GPU with "

@@ -111,12 +111,13 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
                 f"rotates {rotary_dims} of {head_dim} head dimensions; needs an even number "
                 "of at least 2"))
     width = mlp_width(m, m.activation)
-    if _has_dense_mlp(cfg) and m.mlp_type != "llama" and m.intermediate_size is not None \
+    dense = _has_dense_mlp(cfg)
+    if dense and m.mlp_type != "llama" and m.intermediate_size is not None \
             and m.expansion_factor is not None:
         raise loc.error("intermediate_size", "expansion_factor", message=(
             "the transformer MLP takes either intermediate_size or expansion_factor, not both "
             "(as in GPT-NeoX)"))
-    if width % mp:
+    if dense and width % mp:
         how = "intermediate_size" if m.intermediate_size is not None else \
             "the MLP width derived from hidden_size"
         raise loc.error("intermediate_size", "model_parallel_size", "hidden_size", message=(
