@@ -21,6 +21,7 @@ from megatron.model.args import (
     is_moe_layer,
     mlp_projection_widths,
     mlp_width,
+    moe_expert_width,
 )
 from megatron.neox_arguments.checks_input import check_values
 from megatron.neox_arguments.fields import ConfigError
@@ -257,6 +258,11 @@ def _moe(cfg: NeoXConfig, loc: Locator) -> None:
     for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
         if getattr(m, name) < 0:
             raise loc.error(name, message=f"must not be negative, got {getattr(m, name)}")
+    expert = moe_expert_width(m)
+    if expert % p.model_parallel_size:
+        raise loc.error("intermediate_size", "model_parallel_size", message=(
+            f"the expert width {expert} is not divisible by model_parallel_size "
+            f"{p.model_parallel_size}"))
     if m.moe_jitter_eps is not None and not 0 <= m.moe_jitter_eps < 1:
         raise loc.error("moe_jitter_eps", message=f"must be in [0, 1), got {m.moe_jitter_eps}")
     name = "expert_model_parallel_size" if p.expert_model_parallel_size != 1 \
