@@ -10,6 +10,7 @@ reports the rank to blame with the exit status.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,7 +307,8 @@ def _report(code: int, failures: list, leftovers: list[str], stopped: str | None
               file=sys.stderr, flush=True)
         return 0
     if failed is not None:
-        code = code or 1
+        status = re.match(r"exited with status (\d+)$", failed.how)
+        code = int(status.group(1)) if status else (code or 1)  # the blamed rank's own status
         others = len({(f.rank, f.host) for f in failures}) - 1
         more = f"; {others} other report(s) of failed ranks/nodes above" if others > 0 else ""
         print(f"deepy.py: error: {failed.describe()}; the job stopped with exit status "

@@ -98,7 +98,7 @@ def test_invalid_config_exits_2_with_one_line_and_no_traceback(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"deepy.py: error: {bad}: hiden_dropout: unknown key "
-                                   "(did you mean hidden_dropout, attention_dropout?)")
+                                   "(did you mean hidden_dropout, attention_dropout, lora_dropout?)")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 

@@ -52,49 +52,6 @@ def test_keep_last_n_prunes_old_checkpoints(uninterrupted):
     assert "hidden_dropout: 0.1" in merged
 
 
-def test_resume_gives_the_same_losses_as_the_uninterrupted_run(corpus, tmp_path,
-                                                               uninterrupted):
-    run = tmp_path / "run"
-    values = base_values(corpus, run, save=str(run / "ckpt"), load=str(run / "ckpt"),
-                         save_interval=1, **TRAIN)
-    first = run_deepy("configs/tiny_neox.yml",
-                      write_config(tmp_path / "a.yml", {**values, "exit_interval": 3}))
-    assert first.returncode == 0, explain(first)
-    assert max(losses(run)) == 3
-    second = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "b.yml", values))
-    assert second.returncode == 0, explain(second)
-    assert "loaded checkpoint" in second.stdout and "(iteration 3)" in second.stdout
-    resumed, reference = losses(run), losses(uninterrupted)
-    assert sorted(resumed) == list(range(1, 7))
-    for it in range(1, 7):
-        assert resumed[it] == pytest.approx(reference[it], abs=1e-6, rel=0), it
-    consumed = [r["consumed_samples"] for r in records(run)]
-    assert consumed == [8 * i for i in range(1, 7)]  # no sample replayed or skipped
-
-
-def test_a_crash_during_a_save_resumes_from_the_previous_checkpoint(corpus, tmp_path,
-                                                                     uninterrupted):
-    run = tmp_path / "run"
-    values = base_values(corpus, run, save=str(run / "ckpt"), load=str(run / "ckpt"),
-                         save_interval=2, **TRAIN)
-    crashed = run_deepy("configs/tiny_neox.yml", write_config(
-        tmp_path / "a.yml", {**values, "inject_kill_during_save_iters": [4]}))
-    assert crashed.returncode != 0
-    ckpt = run / "ckpt"
-    assert (ckpt / "latest").read_text() == "global_step2"
-    assert (ckpt / "global_step4").is_dir()  # written in part ...
-    assert not (ckpt / "global_step4" / "manifest.json").exists()  # ... never completed
-    resumed = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "b.yml", values))
-    assert resumed.returncode == 0, explain(resumed)
-    assert "(iteration 2)" in resumed.stdout
-    assert (ckpt / "latest").read_text() == "global_step6"
-    assert (ckpt / "global_step4" / "manifest.json").is_file()  # rewritten whole
-    after = {r["iteration"]: r["lm_loss"] for r in records(run)[-4:]}
-    reference = losses(uninterrupted)
-    for it in (3, 4, 5, 6):
-        assert after[it] == pytest.approx(reference[it], abs=1e-6, rel=0), it
-
-
 def test_damaged_checkpoint_is_a_one_line_error(corpus, tmp_path, uninterrupted):
     import shutil
 

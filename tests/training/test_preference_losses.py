@@ -9,13 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import trl.experimental.orpo.orpo_trainer as trl_orpo
+import trl.trainer.dpo_trainer as trl_dpo
+import trl.trainer.kto_trainer as trl_kto
 
 from megatron.parallel.state import ParallelState
 from megatron.training import preference as P
-
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
-trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
 
 TOL = 1e-6
 B, S = 6, 9

@@ -4,7 +4,7 @@ Every layout sees the same global batch (8 samples per step) from the same seed,
 of all layouts agree (within 1e-5 relative, fp32): one reference run (DP=2, ZeRO-0) trains the
 whole schedule. A chain of runs then resumes each from the previous one's checkpoint at another
 layout for one step; the chain passes through both directions of every pair (TP 2 <-> 1,
-PP 2 <-> 1, DP 2 ZeRO-1 <-> DP 1, ZeRO-3 <-> ZeRO-0), and every step's loss equals the
+PP 2 <-> 1 (no pipeline engine), DP 2 ZeRO-1 <-> DP 1, ZeRO-3 <-> ZeRO-0), and every step's loss equals the
 reference's. Optimizer moments, the LR schedule, the data position and the RNG must all carry
 over for that to hold.
 """
@@ -35,15 +35,14 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "tp2": {"num_gpus": 2, "model_parallel_size": 2},
     "dp2": {"num_gpus": 2},  # tensor parallel 1, ZeRO 0
     "pp2": {"num_gpus": 2, "pipe_parallel_size": 2},
-    "pp1": {"num_gpus": 2, "pipe_parallel_size": 1},
     "dp2_zero1": {"num_gpus": 2, "zero_optimization": {"stage": 1}},
     "dp1_zero1": {"num_gpus": 1, "zero_optimization": {"stage": 1}},
     "zero3": {"num_gpus": 2, "zero_optimization": {"stage": 3}},
 }
 # each run resumes the previous one's checkpoint at its own layout
-CHAIN = ["tp2", "dp2", "zero3", "dp2", "tp2", "pp1", "pp2", "pp1", "dp2_zero1", "dp1_zero1",
+CHAIN = ["tp2", "dp2", "zero3", "dp2", "pp2", "dp2", "tp2", "dp2_zero1", "dp1_zero1",
          "dp2_zero1"]
-REQUIRED = {("tp2", "dp2"), ("dp2", "tp2"), ("pp2", "pp1"), ("pp1", "pp2"),
+REQUIRED = {("tp2", "dp2"), ("dp2", "tp2"), ("pp2", "dp2"), ("dp2", "pp2"),
             ("dp2_zero1", "dp1_zero1"), ("dp1_zero1", "dp2_zero1"), ("zero3", "dp2"),
             ("dp2", "zero3")}
 STEPS = len(CHAIN)

@@ -19,6 +19,7 @@ from e2e_helpers import (
     explain,
     kill_group,
     losses,
+    records,
     run_deepy,
     start_deepy,
     wait_for,
@@ -88,8 +89,7 @@ def _deliver(how: str, deepy_pid: int) -> str:
     return "SIGTERM"
 
 
-def test_every_delivery_saves_exits_0_and_resumes_with_equal_losses(corpus, tmp_path,
-                                                                    reference):
+def _run_chain(corpus, tmp_path, reference):
     ckpt = tmp_path / "ckpt"
     done = 0
     for segment, how in enumerate(("group-twice", "ranks", "deepy")):
@@ -119,27 +119,39 @@ def test_every_delivery_saves_exits_0_and_resumes_with_equal_losses(corpus, tmp_
         assert (ckpt / f"global_step{stopped_at}" / "manifest.json").is_file()
         for it, loss in got.items():
             assert loss == pytest.approx(reference[it], abs=1e-6, rel=0), (how, it)
+        consumed = [r["consumed_samples"] for r in records(run)]
+        assert consumed == [8 * it for it in sorted(got)], how  # no sample replayed or skipped
         done = stopped_at
-    # and the last stop resumes too: two more iterations, equal to the reference
-    run = tmp_path / "final"
-    cfg = write_config(tmp_path / "final.yml", base_values(
-        corpus, run, save=str(ckpt), load=str(ckpt), exit_interval=done + 2, **TRAIN))
-    proc = run_deepy("configs/tiny_neox.yml", cfg)
-    assert proc.returncode == 0, explain(proc)
-    got = losses(run)
-    assert sorted(got) == [done + 1, done + 2]
-    for it, loss in got.items():
-        assert loss == pytest.approx(reference[it], abs=1e-6, rel=0), it
+    return ckpt, done
 
 
-def test_kill_9_of_the_group_takes_the_ranks_down(corpus, tmp_path):
-    """The job runs in a process group of its own (so that a signal to deepy.py's group is
-    passed on once, by deepy.py); a SIGKILL of deepy.py must still end every rank."""
+@pytest.fixture(scope="module")
+def stopped(corpus, tmp_path_factory, reference):
+    """The chain of stopped segments: (checkpoint directory, last stop iteration)."""
+    return _run_chain(corpus, tmp_path_factory.mktemp("chain"), reference)
+
+
+def test_every_delivery_saves_exits_0_and_resumes_with_equal_losses(stopped):
+    """The chain itself asserts each stop and each resume (see _run_chain)."""
+    ckpt, done = stopped
+    assert (ckpt / "latest").read_text() == f"global_step{done}"
+
+
+def test_the_last_stop_resumes_and_kill_9_of_the_group_takes_the_ranks_down(
+        corpus, tmp_path, stopped, reference):
+    """The last stop resumes too (equal losses); then the job gets SIGKILL. It runs in a
+    process group of its own (so that a signal to deepy.py's group is passed on once, by
+    deepy.py), yet a SIGKILL of that group must still end every rank."""
+    ckpt, done = stopped
     run = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yml", base_values(corpus, run, **TRAIN))
+    cfg = write_config(tmp_path / "run.yml", base_values(corpus, run, load=str(ckpt), **TRAIN))
     proc = start_deepy("configs/tiny_neox.yml", cfg, log=tmp_path / "out.txt")
     try:
-        wait_for(lambda: len(losses(run)) >= 1, 240, "one iteration")
+        wait_for(lambda: len(losses(run)) >= 2, 240, "two iterations")
+        got = losses(run)
+        assert min(got) == done + 1
+        for it in (done + 1, done + 2):
+            assert got[it] == pytest.approx(reference[it], abs=1e-6, rel=0), it
         ranks = _ranks(proc.pid)
         assert len(ranks) == 2
         everything = psutil.Process(proc.pid).children(recursive=True)
