@@ -176,10 +176,31 @@ def run_main(main: Any) -> None:
             done.set()
 
         threading.Thread(target=teardown, daemon=True).start()
-        if not done.wait(TEARDOWN_TIMEOUT_S):
+        finished = done.wait(TEARDOWN_TIMEOUT_S)
+        _stop_children()
+        if not finished:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
         sys.exit(code)
     shutdown_distributed(synchronize=True)
+    _stop_children()
     sys.exit(0)
+
+
+def _stop_children() -> None:
+    """SIGKILL this process's remaining multiprocessing children (data-loader workers, which
+    ignore SIGTERM so that a stop signal to the whole group cannot kill them before their rank
+    saved): at exit multiprocessing would SIGTERM and then join them forever."""
+    import multiprocessing
+    import signal
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    # torch's data loader turns a worker's death into an error in this process (SIGCHLD)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
