@@ -15,6 +15,8 @@ num_workers)`` wraps it in a ``torch.utils.data.DataLoader`` whose batches are d
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -127,3 +129,26 @@ def ignore_stop_signals(worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def reap_loader_workers() -> None:
+    """SIGKILL the daemonic multiprocessing children still running (data-loader workers),
+    at exit. The workers ignore SIGTERM (``ignore_stop_signals``), and multiprocessing's own
+    exit handler would send them SIGTERM and then wait for them forever. Registered with
+    ``atexit`` when this module is imported (so it runs before multiprocessing's handler) and
+    called by the ranks' exit path."""
+    import multiprocessing
+    import signal
+
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    with contextlib.suppress(ValueError):  # torch's loader reports a worker's death (SIGCHLD)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
+atexit.register(reap_loader_workers)

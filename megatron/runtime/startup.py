@@ -189,18 +189,8 @@ def run_main(main: Any) -> None:
 
 
 def _stop_children() -> None:
-    """SIGKILL this process's remaining multiprocessing children (data-loader workers, which
-    ignore SIGTERM so that a stop signal to the whole group cannot kill them before their rank
-    saved): at exit multiprocessing would SIGTERM and then join them forever."""
-    import multiprocessing
-    import signal
+    """The rank's remaining data-loader workers are killed before it exits (see
+    :func:`megatron.data.samplers.reap_loader_workers`)."""
+    from megatron.data.samplers import reap_loader_workers
 
-    children = multiprocessing.active_children()
-    if not children:
-        return
-    # torch's data loader turns a worker's death into an error in this process (SIGCHLD)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in children:
-        child.kill()
-    for child in children:
-        child.join(timeout=5)
+    reap_loader_workers()

@@ -87,6 +87,17 @@ def test_loader_workers_survive_a_stop_signal_sent_to_the_whole_group():
     seen = [next(it)["text"][:, 0].tolist()]
     workers = [w.pid for w in it._workers]
     assert len(workers) == 2
+
+    def ignoring(pid: int) -> bool:  # the worker ran its init function (SIGTERM ignored)
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+        return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+    import time
+
+    deadline = time.time() + 30
+    while not all(ignoring(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.01)
     for pid in workers:
         os.kill(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGINT)
