@@ -108,7 +108,7 @@ def test_a_state_dict_that_does_not_fit_names_the_key_and_both_shapes(tmp_path, 
                         tracker=None, log=lambda _: None)
     message = str(info.value)
     assert message == (f"{tmp_path / 'global_step3'}: layers.0.mlp.dense_h_to_4h.weight has shape "
-                       "[96, 32] in the checkpoint but [128, 32] in the model of the config "
+                       "[32, 32] in the checkpoint but [42, 32] in the model of the config "
                        "(config/architecture mismatch)")
 
 
