@@ -31,14 +31,19 @@ def key(
     origin: str = "NeoX",
     derived: bool = False,
     unsupported: str | None = None,
+    hint: str | None = None,
 ) -> Any:
     """Declare a config key.
 
     ``derived`` keys are computed during resolution and may not be set by users.
     ``unsupported`` keys are recognised (so existing configs load) but any value other than
     the default is refused with that message.
+    ``hint`` keys are pure speed hints (a kernel fusion flag) that this implementation has no
+    use for: they are accepted, and the message says why they change nothing.
+    A key with neither is implemented: it has the effect GPT-NeoX documents.
     """
-    meta = {"doc": doc, "origin": origin, "derived": derived, "unsupported": unsupported}
+    meta = {"doc": doc, "origin": origin, "derived": derived, "unsupported": unsupported,
+            "hint": hint}
     if isinstance(default, (dict, list)):
         snapshot = default
 

@@ -57,6 +57,15 @@ class KeySpec:
     origin: str
     derived: bool
     unsupported: str | None
+    hint: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``refused`` (only the default is accepted), ``hint`` (accepted, no effect: a pure
+        speed hint) or ``implemented``."""
+        if self.unsupported:
+            return "refused"
+        return "hint" if self.hint else "implemented"
 
 
 def _build_keys() -> dict[str, KeySpec]:
@@ -75,6 +84,7 @@ def _build_keys() -> dict[str, KeySpec]:
                 origin=f.metadata["origin"],
                 derived=f.metadata["derived"],
                 unsupported=f.metadata["unsupported"],
+                hint=f.metadata["hint"],
             )
     return keys
 
