@@ -350,13 +350,24 @@ def _load_same_layout(engine: Any, load_dir: Path, tag: str, load_optimizer: boo
                       module_only: bool) -> dict[str, Any]:
     """The fast path: DeepSpeed's engine loads the files of its own layout."""
     tag_dir = load_dir / tag
+    # DeepSpeed's bf16 optimizer without ZeRO (the pipeline engine's) writes its partitions to
+    # ``bf16_zero_*_optim_states.pt`` files but its non-ZeRO load path hands the optimizer the
+    # model-states entry instead (``KeyError: 0`` inside BF16_Optimizer): its own partition files
+    # are loaded here after the module.
+    bf16_partitions = (load_optimizer and not module_only and hasattr(engine, "optimizer")
+                       and hasattr(engine.optimizer, "bf16_groups")
+                       and not engine.zero_optimization())
     try:
         with safe_engine_loads(engine):
             path, client_state = engine.load_checkpoint(
                 str(load_dir), tag=tag,
-                load_optimizer_states=load_optimizer,
+                load_optimizer_states=load_optimizer and not bf16_partitions,
                 load_lr_scheduler_states=False, load_module_only=module_only,
             )
+            if bf16_partitions and path is not None and not engine._load_zero_checkpoint(
+                    str(load_dir), tag, load_optimizer_states=True):
+                raise CheckpointError(f"{tag_dir}: has no bf16 optimizer partition files "
+                                      "(bf16_zero_pp_rank_*_optim_states.pt)")
     except CheckpointError:
         raise
     except FileNotFoundError as exc:  # files of another layout, saved before layouts were recorded

@@ -142,3 +142,25 @@ def test_async_saves_crash_mid_write_and_resume_with_equal_losses(corpus, tmp_pa
     reference = losses(uninterrupted)
     for it in (3, 4, 5, 6):
         assert after[it] == pytest.approx(reference[it], abs=1e-6, rel=0), it
+
+
+def test_pipeline_bf16_resumes_with_its_optimizer_partitions(corpus, tmp_path):
+    """PP=2 in bf16 (DeepSpeed's bf16 optimizer without ZeRO, whose partitions its own non-ZeRO
+    load path does not read: ``KeyError: 0`` before): a resume from iteration 3 of a 6-step run
+    (chosen with ``iteration``) continues with the same losses."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    pp = {**TRAIN, "pipe_parallel_size": 2, "bf16": {"enabled": True}, "hidden_dropout": 0.0,
+          "attention_dropout": 0.0}
+    proc = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "a.yml", base_values(
+        corpus, first, save=str(first / "ckpt"), save_interval=3, **pp)))
+    assert proc.returncode == 0, explain(proc)
+    assert list((first / "ckpt" / "global_step3").glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    proc = run_deepy("configs/tiny_neox.yml", write_config(tmp_path / "b.yml", base_values(
+        corpus, second, load=str(first / "ckpt"), iteration=3, **pp)))
+    assert proc.returncode == 0, explain(proc)
+    assert "(iteration 3)" in proc.stdout
+    reference = losses(first)
+    resumed = {r["iteration"]: r["lm_loss"] for r in records(second)}
+    assert sorted(resumed) == [4, 5, 6]
+    for it in (4, 5, 6):
+        assert resumed[it] == pytest.approx(reference[it], abs=1e-6, rel=0), it
