@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from megatron.logging.model_stats import ModelStats
 from megatron.logging.timers import Timers
 from megatron.model import lm_loss
 from megatron.model.moe import collect_moe_metrics, moe_blocks
@@ -35,6 +36,7 @@ from megatron.training.data_setup import LMBatch
 from megatron.training.grad_norm import NormClipper, check_grads
 from megatron.training.lora import merged_state_dict
 from megatron.training.lr_schedule import AnnealingLR
+from megatron.training.noise_scale import GradientNoiseScale
 from megatron.training.post_training import Objective
 
 
@@ -72,6 +74,8 @@ class Engine:
     cfg: NeoXConfig
     timers: Timers = field(default_factory=Timers)
     clipper: NormClipper | None = None
+    stats: ModelStats | None = None  # log_param_norm, log_grad_norm, ... (plain model only)
+    noise: GradientNoiseScale | None = None  # log_gradient_noise_scale (plain model only)
     _moe_blocks: list | None = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ the interface
@@ -107,6 +111,11 @@ class Engine:
     def start(self, client_state: dict[str, Any] | None) -> None:
         """After any checkpoint is loaded, before the first step: ``client_state`` is the
         resumed checkpoint's (None when starting: from scratch or a finetune load)."""
+
+    def take_stats(self) -> dict[str, float]:
+        """The per-parameter statistics of the last log step and the gradient noise scale
+        (empty unless their keys are set)."""
+        return {}
 
     def take_metrics(self, kind: str = "train") -> dict[str, float]:
         """The method's extra values (rewards, margins, accuracy, KL) averaged over the micro
@@ -164,6 +173,7 @@ class ModelEngine(Engine):
     _grad_norm: float | None = None
     objective: Objective | None = None  # post-training methods and z_loss
     _sums: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    _stats: dict[str, float] = field(default_factory=dict)
 
     def forward_loss(self, batch: LMBatch) -> torch.Tensor:
         if self.objective is not None:
@@ -232,7 +242,10 @@ class ModelEngine(Engine):
                     # and, at log steps, the logged norm
                     finite = self.before_step(measure_norm=measure_norm)
                     self.guard.decide(grads_finite=finite)
+                    self.observe_grads(measure_norm)
                 self.ds.step()
+        if measure_norm and self.stats is not None:
+            self._stats.update(self.stats.param_values())
         total = 0.0
         for loss in losses:  # read after the update: no host sync per micro batch
             total += float(loss)
@@ -250,6 +263,23 @@ class ModelEngine(Engine):
                                    global_norm=measure_norm)
         self._grad_norm = norm
         return finite
+
+    def observe_grads(self, log_step: bool) -> None:
+        """After the step guard's verdict, before the update (every rank: collective): the
+        gradient statistics of a log step and the noise scale's update."""
+        if log_step and self.stats is not None:
+            self._stats = self.stats.grad_values()
+        if self.noise is not None and not self.guard.skip:
+            from deepspeed.utils import safe_get_full_grad
+
+            params = [p for p in self.ds.module.parameters() if p.requires_grad]
+            self.noise.update(params, [safe_get_full_grad(p) for p in params])
+
+    def take_stats(self) -> dict[str, float]:
+        out, self._stats = self._stats, {}
+        if self.noise is not None and self.noise.noise_scale is not None:
+            out["noise_scale"] = self.noise.noise_scale
+        return out
 
     def eval_losses(self, batches: Iterator[LMBatch]) -> list[float]:
         gas = self.cfg.training.gradient_accumulation_steps or 1
