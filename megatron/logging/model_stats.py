@@ -34,6 +34,7 @@ class ModelStats:
     grad_pct_zeros: bool = False
     optimizer_states: bool = False
     optimizer: torch.optim.Optimizer | None = None  # the torch optimizer (its state keys)
+    engine_optimizer: object = None  # DeepSpeed's wrapper (ZeRO), set once it is built
 
     @classmethod
     def build(cls, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -122,9 +123,20 @@ class ModelStats:
                             if k != "step" and isinstance(v, torch.Tensor) and v.dim() > 0)
         return sorted(keys)
 
+    def _relink_zero_states(self) -> None:
+        """ZeRO 1/2 point each parameter at its slice of the optimizer state once, right
+        after the first parameter group's first update, when the other groups have no state
+        yet; point them again now that every group has it."""
+        zero = self.engine_optimizer
+        relink = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+        if relink is not None and hasattr(zero, "_hp_optimizer_states_linked"):
+            zero._hp_optimizer_states_linked = False
+            relink()
+
     def _optimizer_values(self) -> dict[str, float]:
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        self._relink_zero_states()
         keys = self._state_keys()
         if self.state.dp_group is not None and torch.distributed.get_world_size() > 1:
             # every rank asks for the same states (a rank may hold no partition state)

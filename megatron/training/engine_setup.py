@@ -140,6 +140,8 @@ def build_engine(rt: Runtime) -> Engine:
     if _single_replica_reduction_is_identity(engine, cfg, zero_stage, is_pipeline, rt.state):
         engine.enable_backward_allreduce = False
     guard.install(optimizer, engine.optimizer, pre_update=clipper)
+    if stats is not None:
+        stats.engine_optimizer = engine.optimizer
     common = {"ds": engine, "optimizer": optimizer, "scheduler": scheduler, "guard": guard,
               "state": rt.state, "cfg": cfg, "clipper": clipper}
     if is_pipeline:
