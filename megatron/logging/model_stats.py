@@ -84,8 +84,9 @@ class ModelStats:
         values = self._reduce(rows, split).tolist()
         return {n: (v[0], v[1], v[2]) for n, v in zip(names, values)}
 
-    def grad_values(self) -> dict[str, float]:
-        """After the last backward of a step, before the update."""
+    def grad_values(self, loss_scale: float = 1.0) -> dict[str, float]:
+        """After the last backward of a step, before the update; ``loss_scale`` divides the
+        (fp16, still scaled) gradients."""
         if not self.wants_grads:
             return {}
         from deepspeed.utils import safe_get_full_grad
@@ -94,7 +95,7 @@ class ModelStats:
         for name, (sq, nz, n) in self._collect(safe_get_full_grad,
                                                zeros=self.grad_pct_zeros).items():
             if self.grad_norm:
-                out[f"gradient_norms/{name}"] = sq ** 0.5
+                out[f"gradient_norms/{name}"] = sq ** 0.5 / loss_scale
             if self.grad_pct_zeros:
                 out[f"pct_grad_zeros/{name}"] = 100.0 * nz / max(1.0, n)
         return out

@@ -267,13 +267,17 @@ class ModelEngine(Engine):
     def observe_grads(self, log_step: bool) -> None:
         """After the step guard's verdict, before the update (every rank: collective): the
         gradient statistics of a log step and the noise scale's update."""
+        scale = self.loss_scale() or 1.0  # fp16 gradients are loss-scaled until the update
         if log_step and self.stats is not None:
-            self._stats = self.stats.grad_values()
+            self._stats = self.stats.grad_values(scale)
         if self.noise is not None and not self.guard.skip:
             from deepspeed.utils import safe_get_full_grad
 
             params = [p for p in self.ds.module.parameters() if p.requires_grad]
-            self.noise.update(params, [safe_get_full_grad(p) for p in params])
+            grads = [safe_get_full_grad(p) for p in params]
+            if scale != 1.0:
+                grads = [None if g is None else g.float() / scale for g in grads]
+            self.noise.update(params, grads)
 
     def take_stats(self) -> dict[str, float]:
         out, self._stats = self._stats, {}
