@@ -51,8 +51,9 @@ def _config(tmp: Path, name: str, corpus: str, **extra: Any) -> str:
     return str(path)
 
 
-def _train(rank: int, world: int, config: str) -> str | None:
-    """A real ``train()`` run; returns the one-line error of a failed checkpoint load."""
+def _train(rank: int, world: int, config: str, saved: str | None = None) -> Any:
+    """A real ``train()`` run; returns the one-line error of a failed checkpoint load, or with
+    ``saved`` (the checkpoint the run writes) the parameter norms computed from it."""
     from megatron.checkpoint import CheckpointError
     from megatron.training.loop import train
 
@@ -60,10 +61,10 @@ def _train(rank: int, world: int, config: str) -> str | None:
         train([config])
     except CheckpointError as exc:
         return str(exc)
-    return None
+    return None if saved is None else _direct_norms(config, saved)
 
 
-def _direct_norms(rank: int, world: int, config: str, ckpt: str) -> dict[str, float]:
+def _direct_norms(config: str, ckpt: str) -> dict[str, float]:
     """Parameter norms straight from the saved weights: tensor-parallel shards are gathered
     into the full parameter."""
     from megatron.model import build_model
@@ -119,9 +120,8 @@ def tp_run(corpus, tmp_path_factory) -> dict[str, Any]:
                      char_level_ppl=True, eval_interval=3, eval_iters=1,
                      checkpoint_validation_with_forward_pass=True, save=str(tmp / "ckpt"),
                      save_interval=STEPS)
-    assert run_distributed(_train, 2, config, timeout=240) == [None, None]
     ckpt = str(tmp / "ckpt" / f"global_step{STEPS}")
-    direct = run_distributed(_direct_norms, 2, config, ckpt, timeout=120)[0]
+    direct = run_distributed(_train, 2, config, ckpt, timeout=240)[0]
     return {"tmp": tmp, "run": tmp / "tp", "config": config, "direct": direct}
 
 
@@ -204,9 +204,8 @@ def test_checkpoint_validation_with_forward_pass_on_load(tp_run, corpus):
 def test_norm_logs_over_zero_partitions(corpus, tmp_path):
     config = _config(tmp_path, "zero", corpus, zero_optimization={"stage": 2},
                      train_iters=2, save=str(tmp_path / "ckpt"), save_interval=2)
-    assert run_distributed(_train, 2, config, timeout=240) == [None, None]
-    direct = run_distributed(_direct_norms, 2, config, str(tmp_path / "ckpt/global_step2"),
-                             timeout=120)[0]
+    direct = run_distributed(_train, 2, config, str(tmp_path / "ckpt/global_step2"),
+                             timeout=240)[0]
     stats = {r["iteration"]: r for r in _records(tmp_path / "zero", "stats")}
     train = {r["iteration"]: r for r in _records(tmp_path / "zero", "train")}
     _check_stats(stats[2], train[2], direct)
