@@ -42,8 +42,21 @@ class ModelStats:
         """Record the parameter order of ``optimizer`` (before DeepSpeed wraps it)."""
         names = {id(p): n for n, p in module.named_parameters()}
         ordered = [p for group in optimizer.param_groups for p in group["params"]]
-        named = [(i, names.get(id(p), f"param{i}"), p) for i, p in enumerate(ordered)]
+        offset = 0  # pipeline stages number their parameters one after the other
+        if state.pp_group is not None and state.pp_size > 1:
+            counts: list[int] = [0] * state.pp_size
+            torch.distributed.all_gather_object(counts, len(ordered), group=state.pp_group)
+            offset = sum(counts[:state.pp_rank])
+        named = [(offset + i, names.get(id(p), f"param{i}"), p) for i, p in enumerate(ordered)]
         return cls(named, state, optimizer=optimizer, **flags)
+
+    def _all_stages(self, values: dict[str, float]) -> dict[str, float]:
+        """Every pipeline stage's values (each stage holds its own layers' parameters)."""
+        if self.state.pp_group is None or self.state.pp_size == 1:
+            return values
+        parts: list[dict[str, float]] = [{} for _ in range(self.state.pp_size)]
+        torch.distributed.all_gather_object(parts, values, group=self.state.pp_group)
+        return {k: v for part in parts for k, v in part.items()}
 
     @property
     def wants_grads(self) -> bool:
@@ -98,7 +111,7 @@ class ModelStats:
                 out[f"gradient_norms/{name}"] = sq ** 0.5 / loss_scale
             if self.grad_pct_zeros:
                 out[f"pct_grad_zeros/{name}"] = 100.0 * nz / max(1.0, n)
-        return out
+        return self._all_stages(out)
 
     def param_values(self) -> dict[str, float]:
         """After the update."""
@@ -114,7 +127,7 @@ class ModelStats:
                 out[f"parameter_norms/{name}"] = sq ** 0.5
         if self.optimizer_states:
             out.update(self._optimizer_values())
-        return out
+        return self._all_stages(out)
 
     def _state_keys(self) -> list[str]:
         keys: set[str] = set()

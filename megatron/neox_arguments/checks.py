@@ -483,13 +483,9 @@ def _observability(cfg: NeoXConfig, loc: Locator) -> None:
     if lg.log_gradient_noise_scale and lg.gradient_noise_scale_n_batches < 2:
         raise loc.error("gradient_noise_scale_n_batches", message=(
             f"{lg.gradient_noise_scale_n_batches} must be at least 2"))
-    on = [n for n in ("log_param_norm", "log_grad_norm", "log_grad_pct_zeros",
-                      "log_optimizer_states", "log_gradient_noise_scale")
-          if getattr(lg, n)]
-    if cfg.checkpoint.checkpoint_validation_with_forward_pass:
-        on.append("checkpoint_validation_with_forward_pass")
-    if on and cfg.parallelism.is_pipe_parallel:
-        raise loc.error(on[0], "pipe_parallel_size", message=(
+    if cfg.checkpoint.checkpoint_validation_with_forward_pass and \
+            cfg.parallelism.is_pipe_parallel:
+        raise loc.error("checkpoint_validation_with_forward_pass", "pipe_parallel_size", message=(
             f"is implemented for the plain model only (pipe_parallel_size "
             f"{cfg.parallelism.pipe_parallel_size}); use pipe_parallel_size: 0"))
     block = cfg.ds.curriculum_learning

@@ -115,14 +115,14 @@ def build_engine(rt: Runtime) -> Engine:
     optimizer = built.optimizer
     lg = cfg.logging
     stats = None
-    if not is_pipeline and (lg.log_param_norm or lg.log_grad_norm or lg.log_grad_pct_zeros
+    if (lg.log_param_norm or lg.log_grad_norm or lg.log_grad_pct_zeros
                             or lg.log_optimizer_states):
         stats = ModelStats.build(model, optimizer, rt.state, param_norm=lg.log_param_norm,
                                  grad_norm=lg.log_grad_norm,
                                  grad_pct_zeros=lg.log_grad_pct_zeros,
                                  optimizer_states=lg.log_optimizer_states)
     noise = None
-    if not is_pipeline and lg.log_gradient_noise_scale:
+    if lg.log_gradient_noise_scale:
         noise = GradientNoiseScale(rt.state, cfg.training.train_batch_size or 1,
                                    lg.gradient_noise_scale_n_batches,
                                    cpu_offload=lg.gradient_noise_scale_cpu_offload)
@@ -145,5 +145,8 @@ def build_engine(rt: Runtime) -> Engine:
     common = {"ds": engine, "optimizer": optimizer, "scheduler": scheduler, "guard": guard,
               "state": rt.state, "cfg": cfg, "clipper": clipper}
     if is_pipeline:
-        return PipelineEngine(**common, loss_hook=loss_hook)
+        pipe = PipelineEngine(**common, loss_hook=loss_hook, stats=stats, noise=noise)
+        if stats is not None or noise is not None:
+            pipe.observe_updates()
+        return pipe
     return ModelEngine(**common, objective=objective, stats=stats, noise=noise)

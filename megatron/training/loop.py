@@ -221,7 +221,10 @@ class Trainer:
         """One optimizer step; returns its loss and whether the step guard skipped it."""
         iteration = self.progress.iteration + 1
         if self.curriculum is not None:
-            self.seqlen = self.curriculum.seqlen(iteration)
+            seqlen = self.curriculum.seqlen(iteration)
+            if seqlen != self.seqlen:
+                self.engine.sequence_length_changed()
+            self.seqlen = seqlen
         loss = self.engine.train_step(
             batches, inject=iteration in self.inject and self.engine.inject_here,
             measure_norm=iteration % self.cfg.logging.log_interval == 0)

@@ -69,7 +69,9 @@ class GradientNoiseScale:
                grads: Sequence[torch.Tensor | None]) -> None:
         """One step's (finite, data-parallel averaged) gradients, aligned with ``params``."""
         present = [(p, g) for p, g in zip(params, grads) if g is not None]
-        counted = [param_is_not_tp_duplicate(p, self.state) for p, _ in present]
+        # tensor-parallel copies and the pipeline's second copy of a tied weight count once
+        counted = [param_is_not_tp_duplicate(p, self.state)
+                   and not getattr(p, "ds_pipe_replicated", False) for p, _ in present]
         step = [g.detach().float().flatten() for _, g in present]
         if self.cpu_offload:
             step = [g.cpu() for g in step]

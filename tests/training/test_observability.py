@@ -23,6 +23,7 @@ import torch
 import yaml
 from e2e_helpers import base_values, build_char_corpus
 
+from megatron.training.curriculum import SeqlenCurriculum
 from tests.distributed import run_distributed
 
 STEPS = 6
@@ -54,9 +55,13 @@ def _config(tmp: Path, name: str, corpus: str, **extra: Any) -> str:
 def _train(rank: int, world: int, config: str, saved: str | None = None) -> Any:
     """A real ``train()`` run; returns the one-line error of a failed checkpoint load, or with
     ``saved`` (the checkpoint the run writes) the parameter norms computed from it."""
+    import deepspeed
+
     from megatron.checkpoint import CheckpointError
     from megatron.training.loop import train
 
+    # DeepSpeed's communication backend over the harness's process group (pipeline modules)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     try:
         train([config])
     except CheckpointError as exc:
@@ -164,8 +169,6 @@ def test_norm_logs_match_the_model_under_tensor_parallelism(tp_run):
 
 
 def test_noise_scale_and_curriculum_are_logged_per_step(tp_run):
-    from megatron.training.curriculum import SeqlenCurriculum
-
     train = {r["iteration"]: r for r in _records(tp_run["run"], "train")}
     # n_batches 2: the first estimate comes with step 2
     assert "noise_scale" not in train[1]
@@ -209,3 +212,22 @@ def test_norm_logs_over_zero_partitions(corpus, tmp_path):
     stats = {r["iteration"]: r for r in _records(tmp_path / "zero", "stats")}
     train = {r["iteration"]: r for r in _records(tmp_path / "zero", "train")}
     _check_stats(stats[2], train[2], direct)
+
+
+def test_norm_logs_noise_scale_and_curriculum_through_the_pipeline(corpus, tmp_path):
+    config = _config(tmp_path, "pipe", corpus, pipe_parallel_size=2, gradient_clipping=1.0,
+                     train_iters=3, curriculum_learning=CURRICULUM)
+    assert run_distributed(_train, 2, config, timeout=240) == [None, None]
+    stats = {r["iteration"]: r for r in _records(tmp_path / "pipe", "stats")}
+    train = {r["iteration"]: r for r in _records(tmp_path / "pipe", "train")}
+    grads = {k: v for k, v in stats[3].items() if k.startswith("gradient_norms/")}
+    # both stages' parameters: 2 layers x 12 tensors, the embedding, the final norm's 2 and
+    # the output layer
+    assert len(grads) == 2 * 12 + 4
+    assert math.sqrt(sum(v * v for v in grads.values())) == \
+        pytest.approx(train[3]["grad_norm"], rel=1e-4)
+    assert len([k for k in stats[3] if k.startswith("parameter_norms/")]) == len(grads)
+    assert math.isfinite(train[3]["noise_scale"])
+    schedule = SeqlenCurriculum(CURRICULUM)
+    assert [train[i]["curriculum_seqlen"] for i in (1, 2, 3)] == \
+        [schedule.seqlen(i) for i in (1, 2, 3)]

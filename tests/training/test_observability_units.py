@@ -39,14 +39,15 @@ def test_profile_window_and_trace_directory_are_checked():
     assert (cfg.logging.profile, cfg.logging.profile_step_stop) == (True, 3)
 
 
-def test_per_parameter_logs_need_the_plain_model():
+def test_per_parameter_logs_are_accepted_and_forward_validation_needs_the_plain_model():
     for name in ("log_param_norm", "log_grad_norm", "log_grad_pct_zeros",
-                 "log_optimizer_states", "log_gradient_noise_scale",
-                 "checkpoint_validation_with_forward_pass"):
-        msg = err(**{name: True, "pipe_parallel_size": 1})
-        assert msg.startswith(f"a.yml: {name}") and "pipe_parallel_size: 0" in msg
-        assert getattr(make_cfg(**{name: True}).logging if name.startswith("log") else
-                       make_cfg(**{name: True}).checkpoint, name)
+                 "log_optimizer_states", "log_gradient_noise_scale"):
+        for pipe in (0, 1):
+            assert getattr(make_cfg(**{name: True, "pipe_parallel_size": pipe}).logging, name)
+    name = "checkpoint_validation_with_forward_pass"
+    msg = err(**{name: True, "pipe_parallel_size": 1})
+    assert msg.startswith(f"a.yml: {name}") and "pipe_parallel_size: 0" in msg
+    assert make_cfg(**{name: True}).checkpoint.checkpoint_validation_with_forward_pass
     assert "at least 2" in err(log_gradient_noise_scale=True, gradient_noise_scale_n_batches=1)
     cfg = make_cfg(log_gradient_noise_scale=True, gradient_noise_scale_cpu_offload=True,
                    char_level_ppl=True)
