@@ -231,3 +231,18 @@ def test_norm_logs_noise_scale_and_curriculum_through_the_pipeline(corpus, tmp_p
     schedule = SeqlenCurriculum(CURRICULUM)
     assert [train[i]["curriculum_seqlen"] for i in (1, 2, 3)] == \
         [schedule.seqlen(i) for i in (1, 2, 3)]
+
+
+def test_tensorboard_tags_are_gpt_neox_names(tp_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tp_run["tmp"] / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    name = "layers.0.attention.query_key_value.weight"
+    for tag in (f"parameter_norms/{name}", f"gradient_norms/{name}", f"pct_grad_zeros/{name}",
+                "optimizer_state_norms/0_exp_avg", "optimizer_state_norms/0_exp_avg_sq",
+                "train/noise_scale", "train/curriculum_seqlen", "eval/lm_loss_char_lvl_ppl"):
+        assert tag in tags, tag
+    steps = [e.step for e in events.Scalars(f"parameter_norms/{name}")]
+    assert steps == list(range(1, STEPS + 1))
