@@ -62,10 +62,6 @@ class ModelStats:
     def wants_grads(self) -> bool:
         return self.grad_norm or self.grad_pct_zeros
 
-    @property
-    def enabled(self) -> bool:
-        return self.wants_grads or self.param_norm or self.optimizer_states
-
     def _reduce(self, rows: list[list[float]], split: list[bool]) -> torch.Tensor:
         """Sum rows over the tensor-parallel group: shards add up; a replicated parameter
         contributes once (from tensor rank 0)."""
