@@ -149,3 +149,17 @@ def fp8_support() -> tuple[bool, str]:
 def reset_peak_memory_stats() -> None:
     if is_gpu():
         torch.cuda.reset_peak_memory_stats()
+
+
+def record_memory_history(max_entries: int = 100_000) -> None:
+    """Start recording the CUDA caching allocator's history (for :func:`dump_memory_snapshot`);
+    a ``RuntimeError`` off CUDA."""
+    if accelerator_name() != "cuda" or not gpu_present():
+        raise RuntimeError("memory_profiling needs CUDA ranks (the CUDA caching allocator's "
+                           "history); this rank computes on CPU")
+    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+
+
+def dump_memory_snapshot(path: str) -> None:
+    """Write the allocator snapshot (viewable at pytorch.org/memory_viz) to ``path``."""
+    torch.cuda.memory._dump_snapshot(path)

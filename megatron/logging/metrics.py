@@ -271,6 +271,26 @@ class MetricsLogger:
         self._print(" | ".join(parts))
         return record
 
+    def log_stats(self, iteration: int, values: Mapping[str, float]) -> None:
+        """Per-parameter statistics under their full tags (``parameter_norms/<name>``, ...):
+        to TensorBoard/W&B, one ``type: "stats"`` JSON record and one run-log line."""
+        if not values:
+            return
+        clean = {k: _number(v) for k, v in values.items()}
+        if self._tb is not None and self.is_writer:
+            for tag, value in clean.items():
+                if value is not None:
+                    self._tb.add_scalar(tag, value, global_step=iteration)
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in clean.items() if v is not None},
+                                step=iteration)
+        if not self.is_writer:
+            return
+        self._write_record({"type": "stats", "iteration": iteration, **clean,
+                            "time": time.time()})
+        self._print(f"stats | iteration {iteration} | " + " | ".join(
+            f"{k} {_fmt(v, '.4E')}" for k, v in clean.items()))
+
     def log_eval(self, iteration: int, loss: float, *, split: str = "validation",
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """Log an evaluation result (mean LM loss over the evaluated batches)."""

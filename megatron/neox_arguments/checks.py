@@ -465,6 +465,41 @@ def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     _compile(cfg, loc)
     _data(cfg, loc, purpose)
     _post_training(cfg, loc, purpose)
+    _observability(cfg, loc)
+
+
+def _observability(cfg: NeoXConfig, loc: Locator) -> None:
+    """Profiler, per-parameter logs, noise scale, forward-pass validation, curriculum."""
+    lg = cfg.logging
+    if (lg.profile or lg.memory_profiling) and lg.profile_step_stop <= lg.profile_step_start:
+        raise loc.error("profile_step_stop", "profile_step_start", message=(
+            f"{lg.profile_step_stop} must be greater than profile_step_start "
+            f"{lg.profile_step_start}"))
+    if lg.profile and not (lg.tensorboard_dir or lg.log_dir):
+        raise loc.error("profile", message="needs tensorboard_dir (or log_dir) for the trace")
+    if lg.memory_profiling and not lg.memory_profiling_path:
+        raise loc.error("memory_profiling", message="needs memory_profiling_path for the "
+                        "snapshot")
+    if lg.log_gradient_noise_scale and lg.gradient_noise_scale_n_batches < 2:
+        raise loc.error("gradient_noise_scale_n_batches", message=(
+            f"{lg.gradient_noise_scale_n_batches} must be at least 2"))
+    if cfg.checkpoint.checkpoint_validation_with_forward_pass and \
+            cfg.parallelism.is_pipe_parallel:
+        raise loc.error("checkpoint_validation_with_forward_pass", "pipe_parallel_size", message=(
+            f"is implemented for the plain model only (pipe_parallel_size "
+            f"{cfg.parallelism.pipe_parallel_size}); use pipe_parallel_size: 0"))
+    block = cfg.ds.curriculum_learning
+    if block and block.get("enabled", True) is not False:
+        from megatron.training.curriculum import scheduler
+
+        try:
+            scheduler(block)
+        except ValueError as exc:
+            raise loc.error("curriculum_learning", message=str(exc)) from None
+        top = block.get("max_difficulty")
+        if isinstance(top, int) and cfg.model.seq_length and top > cfg.model.seq_length:
+            raise loc.error("curriculum_learning", "seq_length", message=(
+                f"max_difficulty {top} is longer than seq_length {cfg.model.seq_length}"))
 
 
 def _dataset_files(prefix: str) -> list[str]:
@@ -496,6 +531,10 @@ def check_machine(cfg: NeoXConfig, loc: Locator, facts: RunFacts) -> list[str]:
         problems.append(((te_on[0],), "Transformer Engine modules need GPU ranks (with the "
                          "transformer_engine package), and the ranks of this launch are CPU "
                          "ranks; unset the te_* keys"))
+    if cfg.logging.memory_profiling and not facts.gpu and facts.purpose == "train":
+        problems.append((("memory_profiling",), "records the CUDA allocator's history and "
+                         "needs CUDA ranks; the ranks of this launch are CPU ranks (use "
+                         "profile for a CPU trace)"))
     if cfg.optim.optimizer_type == "OneBitAdam" and not facts.gpu:
         problems.append((("optimizer",), "OneBitAdam needs GPUs (DeepSpeed's 1-bit "
                          "communication); use Adam or AdamW on CPU ranks"))

@@ -41,9 +41,13 @@ class DeepSpeedArgs:
     elasticity: dict | None = key(None, "DeepSpeed elasticity block.", origin="DSC",
                                   unsupported="elasticity was removed from DeepSpeed")
     data_efficiency: dict | None = key(None, "DeepSpeed data efficiency block.", origin="DSC")
-    curriculum_learning: dict | None = key(None, "DeepSpeed curriculum learning block.",
-                                           origin="DSC",
-                                           unsupported="curriculum learning is not supported")
+    curriculum_learning: dict | None = key(
+        None, "Sequence-length curriculum: DeepSpeed's curriculum block {enabled, "
+        "curriculum_type: seqlen, min_difficulty, max_difficulty, schedule_type, "
+        "schedule_config}; each training batch is cut to the scheduled length.", origin="DSC")
+    curriculum_seqlen: int = key(
+        0, "Not a setting: the curriculum's length of each step is logged under this name.",
+        derived=True)
     compression_training: dict | None = key(
         None, "DeepSpeed compression block.", origin="DSC",
         unsupported="the compression library was removed from DeepSpeed")

@@ -75,14 +75,27 @@ class LoggingArgs:
     tensorboard_dir: str | None = key(None, "Write TensorBoard event files here.")
     log_interval: int = key(100, "Log training metrics every this many iterations.",
                             origin="Meg")
-    log_grad_pct_zeros: bool = key(False, "Log the fraction of zero gradients.")
-    log_param_norm: bool = key(False, "Log the parameter norm.")
-    log_grad_norm: bool = key(False, "Log per-parameter gradient norms.")
-    log_optimizer_states: bool = key(False, "Log optimizer state norms.")
-    log_gradient_noise_scale: bool = key(False, "Estimate the gradient noise scale.",
-                                         unsupported="gradient noise scale is not supported")
-    gradient_noise_scale_n_batches: int = key(5, "Batches for the gradient noise scale.")
-    gradient_noise_scale_cpu_offload: bool = key(False, "Keep noise-scale buffers on CPU.")
+    log_grad_pct_zeros: bool = key(
+        False, "At log steps, log the percentage of zero entries of each parameter's gradient "
+        "(pct_grad_zeros/<name>; over the full parameter).")
+    log_param_norm: bool = key(
+        False, "At log steps, log each parameter's L2 norm (parameter_norms/<name>).")
+    log_grad_norm: bool = key(
+        False, "At log steps, log each parameter's gradient L2 norm (gradient_norms/<name>).")
+    log_optimizer_states: bool = key(
+        False, "At log steps, log the L2 norm of each optimizer state tensor "
+        "(optimizer_state_norms/<index>_<state>, e.g. exp_avg).")
+    log_gradient_noise_scale: bool = key(
+        False, "Estimate the gradient noise scale B_simple (McCandlish et al.) from the "
+        "gradients of single steps and of gradient_noise_scale_n_batches consecutive steps; "
+        "logged as train/noise_scale.")
+    gradient_noise_scale_n_batches: int = key(
+        5, "Steps averaged for the large-batch gradient of the noise scale (at least 2).")
+    gradient_noise_scale_cpu_offload: bool = key(
+        False, "Keep the noise scale's gradient buffer in host memory.")
+    char_level_ppl: bool = key(
+        False, "Also log the character-level perplexity of evaluations "
+        "(lm_loss_char_lvl_ppl: exp(loss x tokens per character)).")
     use_wandb: bool = key(False, "Log to Weights & Biases (offline mode works without "
                           "network: WANDB_MODE=offline).")
     wandb_project: str = key("neox", "W&B project.")
@@ -92,11 +105,16 @@ class LoggingArgs:
     wandb_init_all_ranks: bool = key(False, "Start a W&B run on every rank, not only rank 0.")
     wandb_run_name: str | None = key(None, "W&B run name.")
     git_hash: str | None = key(None, "Git revision of the code, recorded in logs.")
-    memory_profiling: bool = key(False, "Record a device memory snapshot (GPU).")
-    memory_profiling_path: str | None = key(None, "Where memory snapshots go.")
-    profile: bool = key(False, "Run the PyTorch profiler between profile_step_start and "
-                        "profile_step_stop.")
-    profile_step_start: int = key(10, "First profiled iteration.")
+    memory_profiling: bool = key(
+        False, "Record the CUDA allocator's history and write its snapshot "
+        "(memory_profiling_path/mem_snapshot.pickle) after iteration profile_step_stop; "
+        "CUDA ranks only.")
+    memory_profiling_path: str | None = key(None, "Directory of the memory snapshot.")
+    profile: bool = key(
+        False, "Record a PyTorch profiler trace of the steps after iteration "
+        "profile_step_start up to iteration profile_step_stop, in tensorboard_dir "
+        "(<log_dir>/profile without one): TensorBoard / Perfetto trace files per rank.")
+    profile_step_start: int = key(10, "The profiled steps start after this iteration.")
     profile_step_stop: int = key(12, "Last profiled iteration.")
     comet_project: str | None = key(None, "Comet project.",
                                     unsupported="Comet logging is not supported")

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from megatron.logging.model_stats import ModelStats
 from megatron.logging.timers import Timers
 from megatron.model import lm_loss
 from megatron.model.moe import collect_moe_metrics, moe_blocks
@@ -35,6 +36,7 @@ from megatron.training.data_setup import LMBatch
 from megatron.training.grad_norm import NormClipper, check_grads
 from megatron.training.lora import merged_state_dict
 from megatron.training.lr_schedule import AnnealingLR
+from megatron.training.noise_scale import GradientNoiseScale
 from megatron.training.post_training import Objective
 
 
@@ -72,7 +74,10 @@ class Engine:
     cfg: NeoXConfig
     timers: Timers = field(default_factory=Timers)
     clipper: NormClipper | None = None
+    stats: ModelStats | None = None  # log_param_norm, log_grad_norm, ...
+    noise: GradientNoiseScale | None = None  # log_gradient_noise_scale
     _moe_blocks: list | None = field(default=None, init=False, repr=False)
+    _stats: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     # ------------------------------------------------------------------ the interface
     @property
@@ -108,6 +113,9 @@ class Engine:
         """After any checkpoint is loaded, before the first step: ``client_state`` is the
         resumed checkpoint's (None when starting: from scratch or a finetune load)."""
 
+    def sequence_length_changed(self) -> None:
+        """The next step's batches have another length (the sequence-length curriculum)."""
+
     def take_metrics(self, kind: str = "train") -> dict[str, float]:
         """The method's extra values (rewards, margins, accuracy, KL) averaged over the micro
         batches since the last call and over the data-parallel replicas; ``kind`` train or
@@ -115,6 +123,29 @@ class Engine:
         return {}
 
     # ------------------------------------------------------------------ shared
+    def observe_grads(self, log_step: bool) -> None:
+        """After the step guard's verdict, before the update (every rank: collective): the
+        gradient statistics of a log step and the noise scale's update."""
+        scale = self.loss_scale() or 1.0  # fp16 gradients are loss-scaled until the update
+        if log_step and self.stats is not None:
+            self._stats = self.stats.grad_values(scale)
+        if self.noise is not None and not self.guard.skip:
+            from deepspeed.utils import safe_get_full_grad
+
+            params = [p for p in self.ds.module.parameters() if p.requires_grad]
+            grads = [safe_get_full_grad(p) for p in params]
+            if scale != 1.0:
+                grads = [None if g is None else g.float() / scale for g in grads]
+            self.noise.update(params, grads)
+
+    def take_stats(self) -> dict[str, float]:
+        """The per-parameter statistics of the last log step and the gradient noise scale
+        (empty unless their keys are set)."""
+        out, self._stats = self._stats, {}
+        if self.noise is not None and self.noise.noise_scale is not None:
+            out["noise_scale"] = self.noise.noise_scale
+        return out
+
     def prepare_moe_step(self) -> None:
         """Tell the MoE blocks what backward multiplies the loss by (1 / accumulation steps,
         times the fp16 loss scale), so their auxiliary losses get the same factor."""
@@ -232,7 +263,10 @@ class ModelEngine(Engine):
                     # and, at log steps, the logged norm
                     finite = self.before_step(measure_norm=measure_norm)
                     self.guard.decide(grads_finite=finite)
+                    self.observe_grads(measure_norm)
                 self.ds.step()
+        if measure_norm and self.stats is not None:
+            self._stats.update(self.stats.param_values())
         total = 0.0
         for loss in losses:  # read after the update: no host sync per micro batch
             total += float(loss)
@@ -276,6 +310,21 @@ class PipelineEngine(Engine):
     (its losses come back averaged over the data-parallel replicas)."""
 
     loss_hook: GuardedPipelineLoss | None = None
+    _log_step: bool = False
+
+    def observe_updates(self) -> None:
+        """The pipeline engine steps inside ``train_batch``: wrap DeepSpeed's optimizer step
+        (called once per step, after the gradients are reduced, before the update) so the
+        gradient statistics and the noise scale see the step's gradients."""
+        inner = self.ds.optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if not self.guard.decided:
+                self.guard.decide(())
+            self.observe_grads(self._log_step)
+            return inner(*args, **kwargs)
+
+        self.ds.optimizer.step = step
 
     @property
     def inject_here(self) -> bool:
@@ -294,11 +343,17 @@ class PipelineEngine(Engine):
         if self.loss_hook is not None:
             self.loss_hook.inject = inject
         self.prepare_moe_step()
+        self._log_step = measure_norm
         loss = self.ds.train_batch(data_iter=self._stage_inputs(batches))
+        if measure_norm and self.stats is not None:
+            self._stats.update(self.stats.param_values())
         return float(loss.detach().float())
 
     def eval_losses(self, batches: Iterator[LMBatch]) -> list[float]:
         return [float(self.ds.eval_batch(data_iter=self._stage_inputs(batches)))]
+
+    def sequence_length_changed(self) -> None:
+        self.ds.reset_activation_shape()  # the stages' receive buffers have the old shape
 
     def after_save(self) -> str | None:
         diff = self.tied_weight_difference()

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from megatron.logging.model_stats import ModelStats
 from megatron.model import build_model
 from megatron.model.pipeline import PipelineLMLoss
 from megatron.neox_arguments import ConfigError, NeoXConfig, build_deepspeed_config
@@ -26,6 +27,7 @@ from megatron.training.engine import Engine, GuardedPipelineLoss, ModelEngine, P
 from megatron.training.grad_norm import NormClipper
 from megatron.training.lora import apply_lora
 from megatron.training.lr_schedule import build_lr_scheduler
+from megatron.training.noise_scale import GradientNoiseScale
 from megatron.training.optimizers import (
     build_optimizer,
     check_zero_compat,
@@ -111,6 +113,19 @@ def build_engine(rt: Runtime) -> Engine:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     optimizer = built.optimizer
+    lg = cfg.logging
+    stats = None
+    if (lg.log_param_norm or lg.log_grad_norm or lg.log_grad_pct_zeros
+                            or lg.log_optimizer_states):
+        stats = ModelStats.build(model, optimizer, rt.state, param_norm=lg.log_param_norm,
+                                 grad_norm=lg.log_grad_norm,
+                                 grad_pct_zeros=lg.log_grad_pct_zeros,
+                                 optimizer_states=lg.log_optimizer_states)
+    noise = None
+    if lg.log_gradient_noise_scale:
+        noise = GradientNoiseScale(rt.state, cfg.training.train_batch_size or 1,
+                                   lg.gradient_noise_scale_n_batches,
+                                   cpu_offload=lg.gradient_noise_scale_cpu_offload)
     scheduler = build_lr_scheduler(optimizer, cfg.lr, cfg.optim, cfg.training.train_iters)
     ds_config = build_deepspeed_config(cfg)
     clipper = None
@@ -125,8 +140,13 @@ def build_engine(rt: Runtime) -> Engine:
     if _single_replica_reduction_is_identity(engine, cfg, zero_stage, is_pipeline, rt.state):
         engine.enable_backward_allreduce = False
     guard.install(optimizer, engine.optimizer, pre_update=clipper)
+    if stats is not None:
+        stats.engine_optimizer = engine.optimizer
     common = {"ds": engine, "optimizer": optimizer, "scheduler": scheduler, "guard": guard,
               "state": rt.state, "cfg": cfg, "clipper": clipper}
     if is_pipeline:
-        return PipelineEngine(**common, loss_hook=loss_hook)
-    return ModelEngine(**common, objective=objective)
+        pipe = PipelineEngine(**common, loss_hook=loss_hook, stats=stats, noise=noise)
+        if stats is not None or noise is not None:
+            pipe.observe_updates()
+        return pipe
+    return ModelEngine(**common, objective=objective, stats=stats, noise=noise)

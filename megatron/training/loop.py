@@ -8,6 +8,7 @@ datasets and loaders positioned at the consumed-sample counts -> train -> test.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from megatron import accelerator
-from megatron.checkpoint import CheckpointError
+from megatron.checkpoint import CheckpointError, forward_check
 from megatron.checkpoint.relayout import run_layout
 from megatron.checkpoint.resume import (
     Checkpointer,
@@ -28,8 +29,10 @@ from megatron.checkpoint.resume import (
     load_checkpoint,
     save_checkpoint,
 )
+from megatron.logging.profiler import MemorySnapshot, StepProfiler, trace_dir
 from megatron.runtime import Runtime, start
 from megatron.training.control import world_max
+from megatron.training.curriculum import SeqlenCurriculum, curriculum_active, truncate
 from megatron.training.data_setup import (
     LMBatch,
     SampleBudget,
@@ -87,6 +90,17 @@ class Trainer:
         self.resumed_state: dict[str, Any] | None = None
         self.checkpointer = Checkpointer(asynchronous=self.cfg.checkpoint.async_save) \
             if self.cfg.checkpoint.save else None
+        block = self.cfg.ds.curriculum_learning
+        self.curriculum = SeqlenCurriculum(block) if curriculum_active(block) else None
+        self.seqlen: int | None = None  # the curriculum's length for the running step
+        self.memory: MemorySnapshot | None = None
+
+    def _validation_logits(self) -> Any:
+        cfg = self.cfg
+        return forward_check.validation_logits(
+            self.engine.ds, seq_length=cfg.model.seq_length,
+            micro_batch=cfg.training.train_micro_batch_size_per_gpu or 1,
+            vocab_size=self.tokenizer.vocab_size, state=self.rt.state, device=self.rt.device)
 
     # ------------------------------------------------------------------ checkpoints
     def config_files(self) -> dict[str, str]:
@@ -100,6 +114,9 @@ class Trainer:
         if not ck.save:
             return
         self.saved_iteration = self.progress.iteration
+        extra = {}
+        if ck.checkpoint_validation_with_forward_pass:
+            extra[forward_check.CLIENT_KEY] = self._validation_logits()
         line = save_checkpoint(
             self.engine.ds, SaveOptions(ck.save, ck.keep_last_n_checkpoints,
                                         save_optimizer=not ck.no_save_optim,
@@ -107,7 +124,7 @@ class Trainer:
                                         layout=run_layout(self.cfg, self.rt.state)),
             iteration=self.progress.iteration,
             client_state={**self.progress.client_state(self.engine.scheduler),
-                          **self.engine.client_state()},
+                          **self.engine.client_state(), **extra},
             tracker=self.rt.tracker, config_files=self.config_files(),
             kill_before_complete=self.progress.iteration in
             (self.cfg.training.inject_kill_during_save_iters or ()),
@@ -139,7 +156,11 @@ class Trainer:
                         layout=run_layout(self.cfg, self.rt.state),
                         iteration=self.cfg.training.iteration),
             tracker=self.rt.tracker, log=self.metrics.info)
-        if loaded is None or ck.finetune:
+        if loaded is None:
+            return
+        if ck.checkpoint_validation_with_forward_pass:
+            self.validate_loaded(loaded.client_state, loaded.iteration)
+        if ck.finetune:
             return
         cs = loaded.client_state
         self.resumed_state = cs
@@ -154,6 +175,23 @@ class Trainer:
                 self.engine.scheduler.load_state_dict(cs["lr_scheduler"])
             except (ValueError, TypeError, KeyError) as exc:
                 raise CheckpointError(f"{ck.load}: iteration {loaded.iteration}: {exc}") from None
+
+    def validate_loaded(self, client_state: dict[str, Any], iteration: int) -> None:
+        """checkpoint_validation_with_forward_pass: the loaded model's logits must match the
+        ones saved with the checkpoint."""
+        saved = client_state.get(forward_check.CLIENT_KEY)
+        if saved is None:
+            self.metrics.info(f"checkpoint_validation_with_forward_pass: iteration {iteration} "
+                              "of checkpoint load has no validation logits; not validated")
+            return
+        problem = forward_check.compare(saved, self._validation_logits())
+        failed = world_max([1.0 if problem else 0.0])[0] > 0
+        if failed:
+            raise CheckpointError(f"{self.cfg.checkpoint.load}: iteration {iteration}: "
+                                  "checkpoint_validation_with_forward_pass: "
+                                  f"{problem or 'another rank found a mismatch'}")
+        self.metrics.info(f"checkpoint_validation_with_forward_pass: iteration {iteration} "
+                          "validated (the forward pass gives the saved logits)")
 
     def should_save(self, iteration: int) -> bool:
         ck = self.cfg.checkpoint
@@ -170,14 +208,23 @@ class Trainer:
         return iteration % interval == 0
 
     # ------------------------------------------------------------------ steps
-    def _micro_batches(self, it: Iterator[dict[str, torch.Tensor]]) -> Iterator[LMBatch]:
+    def _micro_batches(self, it: Iterator[dict[str, torch.Tensor]],
+                       training: bool = False) -> Iterator[LMBatch]:
         eod = self.tokenizer.eod
         for raw in it:
-            yield make_batch(raw, self.cfg, eod, self.rt.device)
+            batch = make_batch(raw, self.cfg, eod, self.rt.device)
+            if training and self.seqlen is not None:
+                batch = truncate(batch, self.seqlen)
+            yield batch
 
     def train_step(self, batches: Iterator[LMBatch]) -> tuple[float, bool]:
         """One optimizer step; returns its loss and whether the step guard skipped it."""
         iteration = self.progress.iteration + 1
+        if self.curriculum is not None:
+            seqlen = self.curriculum.seqlen(iteration)
+            if seqlen != self.seqlen:
+                self.engine.sequence_length_changed()
+            self.seqlen = seqlen
         loss = self.engine.train_step(
             batches, inject=iteration in self.inject and self.engine.inject_here,
             measure_norm=iteration % self.cfg.logging.log_interval == 0)
@@ -190,6 +237,9 @@ class Trainer:
             return None
         eng, t = self.engine, self.cfg.training
         eng.eval()
+        counts = [0.0, 0.0]  # tokens, characters (char_level_ppl)
+        if self.cfg.logging.char_level_ppl:
+            it = self._count_chars(it, counts)
         batches = self._micro_batches(it)
         losses: list[float] = []
         for _ in range(t.eval_iters):
@@ -198,9 +248,33 @@ class Trainer:
         loss = eng.mean_loss(sum(losses) / max(1, len(losses)))
         if name == "validation":
             self.progress.consumed_valid_samples += t.eval_iters * (t.train_batch_size or 0)
-        self.metrics.log_eval(self.progress.iteration, loss, split=name,
-                              extra=eng.take_metrics("eval"))
+        extra = eng.take_metrics("eval")
+        if self.cfg.logging.char_level_ppl:
+            extra = {**extra, "lm_loss_char_lvl_ppl": self._char_level_ppl(loss, counts)}
+        self.metrics.log_eval(self.progress.iteration, loss, split=name, extra=extra)
         return loss
+
+    def _count_chars(self, it: Iterator[dict[str, torch.Tensor]], counts: list[float]
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+        """Pass the evaluation batches through, counting their tokens and the characters
+        they detokenize to."""
+        for raw in it:
+            for row in raw["text"]:
+                ids = row.tolist()
+                counts[0] += len(ids)
+                counts[1] += len(self.tokenizer.detokenize(ids))
+            yield raw
+
+    def _char_level_ppl(self, loss: float, counts: list[float]) -> float:
+        """GPT-NeoX's character-level perplexity: exp(loss x tokens per character), the
+        counts summed over the data-parallel replicas."""
+        totals = torch.tensor(counts, dtype=torch.float64)
+        group = self.rt.state.dp_group
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(totals, group=group)
+        tokens, chars = totals.tolist()
+        exponent = loss * tokens / max(1.0, chars)
+        return math.exp(exponent) if exponent < 700 else math.inf
 
     # ------------------------------------------------------------------ the loop
     def train(self, train_set: Any, valid_set: Any) -> str:
@@ -209,19 +283,37 @@ class Trainer:
         if p.iteration >= self.budget.train_iters or not t.do_train:
             return "done"
         train_it = iter(loader(train_set, cfg, self.rt.state, p.consumed_train_samples))
-        batches = self._micro_batches(train_it)
+        batches = self._micro_batches(train_it, training=True)
         valid_it = cycle_from(valid_set, cfg, self.rt.state, p.consumed_valid_samples) \
             if t.do_valid else None
         self.engine.train()
         if p.iteration == 0 and 0 in (cfg.checkpoint.extra_save_iters or ()):
             self.save()  # the initial weights (Pythia-style step 0 checkpoint)
         p.interval_start, p.interval_iters = time.time(), 0
+        lg = cfg.logging
+        profiler = StepProfiler(
+            start=lg.profile_step_start, stop=lg.profile_step_stop, rank=self.rt.state.rank,
+            directory=trace_dir(lg.tensorboard_dir, lg.log_dir) or ".",
+            resumed_at=p.iteration) if lg.profile else None
+        try:
+            return self._steps(batches, valid_it, profiler)
+        finally:
+            if profiler is not None:
+                profiler.close()
+
+    def _steps(self, batches: Iterator[LMBatch], valid_it: Any,
+               profiler: StepProfiler | None) -> str:
+        cfg, p, t = self.cfg, self.progress, self.cfg.training
         reason = "done"
         while p.iteration < self.budget.train_iters:
             if self.stop_requested():
                 return "signal"
-            loss, skipped = self.train_step(batches)
+            with profiler.step(p.iteration + 1) if profiler is not None \
+                    else contextlib.nullcontext():
+                loss, skipped = self.train_step(batches)
             p.iteration += 1
+            if self.memory is not None:
+                self.memory.after_step(p.iteration)
             p.consumed_train_samples += t.train_batch_size or 0
             p.interval_iters += 1
             if skipped:
@@ -280,13 +372,18 @@ class Trainer:
         p, eng = self.progress, self.engine
         elapsed = time.time() - p.interval_start
         loss = eng.mean_loss(p.loss_sum / p.loss_count if p.loss_count else float("nan"))
+        stats = eng.take_stats()
+        noise = {"noise_scale": stats.pop("noise_scale")} if "noise_scale" in stats else {}
         self.metrics.log_train(
             p.iteration, lm_loss=loss, lr=eng.scheduler.get_lr(), grad_norm=eng.grad_norm(),
             loss_scale=eng.loss_scale(), step_time_s=elapsed / max(1, p.interval_iters),
             skipped_iters=p.skipped_iters, consumed_samples=p.consumed_train_samples,
             elapsed_s=time.time() - self.started,
-            extra={**eng.take_metrics(), **eng.moe_metrics()} or None,
+            extra={**eng.take_metrics(), **eng.moe_metrics(), **noise,
+                   **({"curriculum_seqlen": self.seqlen} if self.seqlen is not None else {})}
+            or None,
         )
+        self.metrics.log_stats(p.iteration, stats)
         if self.cfg.ds.wall_clock_breakdown:
             self.metrics.info(eng.timers.breakdown_line(normalizer=max(1, p.interval_iters)))
         p.loss_sum, p.loss_count, p.interval_iters = 0.0, 0, 0
@@ -304,8 +401,12 @@ def train(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
     from megatron.training.metrics_setup import build_metrics
 
     metrics = build_metrics(rt)
+    lg = rt.cfg.logging
+    memory = MemorySnapshot(path=lg.memory_profiling_path or ".", stop=lg.profile_step_stop,
+                            rank=rt.rank) if lg.memory_profiling else None
     engine = build_engine(rt)
     trainer = Trainer(rt, engine, budget, metrics, stop)
+    trainer.memory = memory
     trainer.load()
     engine.start(trainer.resumed_state)
     train_set, valid_set, test_set = build_datasets(rt.cfg, budget)
