@@ -91,3 +91,23 @@ def test_one_bit_adam_refused_at_validation_on_cpu_and_gloo() -> None:
 def test_git_hash_in_the_run_header() -> None:
     assert not any(line.startswith("git hash") for line in summary_lines(make_cfg()))
     assert "git hash: 0123abc" in summary_lines(make_cfg(git_hash="0123abc"))
+
+
+def test_user_script_and_config_files_are_recorded(tmp_path) -> None:
+    import yaml
+    from cfg_helpers import BASE
+
+    from megatron.neox_arguments import RunFacts, load_config_files, resolve_config
+
+    model, train = tmp_path / "model.yml", tmp_path / "train.yml"
+    model.write_text(yaml.safe_dump({k: v for k, v in BASE.items() if k != "train_iters"}))
+    train.write_text("train_iters: 5\n")
+    cfg = resolve_config(load_config_files([str(model), str(train)]),
+                         RunFacts(launching=False, user_script="train.py"))
+    assert cfg.other.user_script == "train.py"
+    files = cfg.other.config_files
+    assert files is not None and [n.rsplit("/", 1)[-1] for n in files] == ["model.yml",
+                                                                          "train.yml"]
+    assert list(files.values())[1] == "train_iters: 5\n"
+    with pytest.raises(ConfigError, match="user_script: is derived"):
+        make_cfg(user_script="x.py")
