@@ -114,7 +114,9 @@ class ModelArgs:
     sliding_window_width: int | None = key(
         None, "Window of 'local' attention layers (tokens each query sees, itself included).")
     sparsity: Literal["none", "all", "interspersed"] = key(
-        "none", "Legacy sparse attention switch: none, all or interspersed.")
+        "none", "Legacy sparse attention switch: none, all or interspersed.",
+        unsupported="sparse attention needs DeepSpeed's GPU sparse-attention kernels, which are "
+        "not provided; use attention_config with global, flash or local")
     num_unique_layers: int | None = key(
         None, "Number of distinct transformer layers; num_layers must be a multiple. Layers "
         "are shared according to param_sharing_style.", origin="Meg")

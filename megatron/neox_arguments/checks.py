@@ -134,10 +134,6 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
             raise loc.error("num_unique_layers", message=(
                 "layer sharing needs pipe_parallel_size: 0 (layers cannot be shared across "
                 "pipeline stages)"))
-    if m.sparsity != "none":
-        raise loc.error("sparsity", message=(
-            f"{m.sparsity!r} needs DeepSpeed's GPU sparse-attention kernels, which this "
-            "framework does not provide; use attention_config with global, flash or local"))
     try:
         kinds = attention_layer_types(m.attention_config, m.num_layers)
     except ValueError as exc:

@@ -135,8 +135,14 @@ class OtherArgs:
     distributed_backend: Literal["nccl", "gloo", "mpi", "ccl"] | None = key(
         None, "torch.distributed backend; unset: nccl on GPUs, gloo on CPU ranks.",
         origin="Meg")
-    local_rank: int | None = key(None, "Set by the launcher.", origin="Meg")
-    rank: int | None = key(None, "Set by the launcher.", origin="Meg")
+    local_rank: int | None = key(
+        None, "Set by the launcher.", origin="Meg",
+        unsupported="the launcher gives each rank its local rank (--local_rank, LOCAL_RANK); a "
+        "config file cannot set it")
+    rank: int | None = key(
+        None, "Set by the launcher.", origin="Meg",
+        unsupported="the launcher gives each rank its global rank (RANK); a config file cannot "
+        "set it")
     lazy_mpu_init: bool = key(False, "Skip distributed init (external frameworks).",
                               origin="Meg",
                               unsupported="handing distributed initialization to an external "

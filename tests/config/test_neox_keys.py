@@ -43,6 +43,9 @@ def test_engine_blocks_reach_deepspeed() -> None:
         "csv_monitor": {"enabled": True, "output_path": "csv/"},
         "data_efficiency": {"enabled": False},
         "activation_checkpointing": {"partition_activations": False},
+        "tensorboard": {"enabled": True, "output_path": "tb/"},
+        "wandb": {"enabled": False, "project": "p"},
+        "checkpoint": {"use_node_local_storage": True},
     }
     cfg = make_cfg(dump_state=True, prescale_gradients=True, gradient_predivide_factor=2.0,
                    data_types={"grad_accum_dtype": "fp32"}, **blocks)
