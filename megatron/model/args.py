@@ -136,7 +136,9 @@ class ModelArgs:
         "fuses scaling, causal masking and softmax")
     scaled_masked_softmax_fusion: bool = key(
         False, "Fuse scaling, general masking and softmax.", origin="Meg")
-    bias_gelu_fusion: bool = key(False, "Fuse the MLP bias add with GeLU.", origin="Meg")
+    bias_gelu_fusion: bool = key(
+        False, "Fuse the MLP bias add with GeLU; as GPT-NeoX's fused kernel, the GeLU is then the "
+        "tanh approximation.", origin="Meg")
     bias_dropout_fusion: bool = key(False, "Fuse bias add, dropout and residual add.",
                                     origin="Meg")
     use_flashattn_swiglu: bool = key(False, "Use flash-attn's fused SwiGLU kernel when "
