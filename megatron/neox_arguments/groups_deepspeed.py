@@ -41,7 +41,11 @@ class DeepSpeedArgs:
     csv_monitor: dict | None = key(None, "DeepSpeed CSV monitor block.", origin="DSC")
     elasticity: dict | None = key(None, "DeepSpeed elasticity block.", origin="DSC",
                                   unsupported="elasticity was removed from DeepSpeed")
-    data_efficiency: dict | None = key(None, "DeepSpeed data efficiency block.", origin="DSC")
+    data_efficiency: dict | None = key(
+        None, "DeepSpeed data efficiency block.", origin="DSC",
+        unsupported="DeepSpeed's data efficiency library (curriculum data sampling, random-LTD) "
+        "works only through a data loader DeepSpeed builds and a converted model; the trainer "
+        "feeds its own data pipeline")
     sparse_attention: dict | None = key(
         None, "DeepSpeed sparse attention block.", origin="DSC",
         unsupported="DeepSpeed sparse attention needs its GPU (triton) kernels, which are not "

@@ -41,7 +41,6 @@ def test_engine_blocks_reach_deepspeed() -> None:
         "autotuning": {"enabled": False, "fast": True},
         "comms_logger": {"enabled": True, "verbose": False},
         "csv_monitor": {"enabled": True, "output_path": "csv/"},
-        "data_efficiency": {"enabled": False},
         "activation_checkpointing": {"partition_activations": False},
         "tensorboard": {"enabled": True, "output_path": "tb/"},
         "wandb": {"enabled": False, "project": "p"},
