@@ -324,6 +324,10 @@ def _check_zero_block(zero: dict[str, Any], loc: Locator) -> None:
 
 def _data(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     d = cfg.data
+    if d.pack_impl == "pack_until_overflow":
+        raise loc.error("pack_impl", message=(
+            "'pack_until_overflow' (whole documents packed until the next one overflows) is not "
+            "provided; use packed or unpacked"))
     if d.data_impl == "cached":
         raise loc.error("data_impl", message=(
             "'cached' (the legacy in-memory indexed format) is not provided; datasets here are "

@@ -46,9 +46,10 @@ class DataArgs:
                                 origin="Meg",
                                 unsupported="short sequences belong to BERT-style datasets, "
                                 "which are not provided (GPT datasets always fill seq_length)")
-    pack_impl: Literal["packed", "unpacked"] = key(
+    pack_impl: Literal["packed", "unpacked", "pack_until_overflow"] = key(
         "packed", "How documents fill samples: packed (concatenated across document "
-        "boundaries) or unpacked (one document per sample, padded; labels -100 on the padding).")
+        "boundaries) or unpacked (one document per sample, padded; labels -100 on the padding). "
+        "GPT-NeoX's pack_until_overflow is refused.")
     dataset_impl: Literal["gpt2", "pairwise"] = key(
         "gpt2", "Dataset type: gpt2, or pairwise (chosen/rejected pairs from the pos_*/neg_* "
         "paths, one pair per sample, unpacked).")

@@ -113,3 +113,9 @@ def test_user_script_and_config_files_are_recorded(tmp_path) -> None:
     assert list(files.values())[1] == "train_iters: 5\n"
     with pytest.raises(ConfigError, match="user_script: is derived"):
         make_cfg(user_script="x.py")
+
+
+def test_pack_until_overflow_refused_with_a_reason() -> None:
+    with pytest.raises(ConfigError, match="a.yml: pack_impl: 'pack_until_overflow' .* is not "
+                       "provided; use packed or unpacked"):
+        make_cfg(pack_impl="pack_until_overflow")
