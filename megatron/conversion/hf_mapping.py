@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from megatron.conversion import hf_mamba
+from megatron.model.activations import tanh_gelu
 from megatron.model.args import (
     ModelArgs,
     attention_layer_types,
@@ -177,7 +178,7 @@ def hf_config(model: ModelArgs, architecture: str, *, vocab_size: int,
     }  # fmt: skip
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(model.rotary_emb_base)}
     if architecture == "neox":
-        act = "gelu_pytorch_tanh" if model.activation == "gelu" and model.openai_gelu \
+        act = "gelu_pytorch_tanh" if model.activation == "gelu" and tanh_gelu(model) \
             else PLAIN_ACTS[model.activation]
         rope["partial_rotary_factor"] = float(model.rotary_pct)
         return GPTNeoXConfig(

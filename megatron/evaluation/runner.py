@@ -44,6 +44,11 @@ def task_manager(tasks: list[str], include: str | None) -> Any:
     return manager
 
 
+def eval_batch_size(cfg: NeoXConfig) -> int:
+    """``eval_batch_size``, else the training micro batch, else 1."""
+    return cfg.textgen.eval_batch_size or cfg.training.train_micro_batch_size_per_gpu or 1
+
+
 def run_tasks(adapter: Any, cfg: NeoXConfig) -> dict[str, Any] | None:
     """``lm_eval.simple_evaluate`` over ``eval_tasks`` with this run's settings (None on the
     ranks where lm_eval reports nothing: those with ``LOCAL_RANK`` other than 0)."""
@@ -90,8 +95,7 @@ def main(argv: list[str] | None = None, *, stdout: IO[str] | None = None) -> int
     model = load_inference_model(cfg, rt.state, rt.device, tracker=rt.tracker, log=log)
     generator = TokenGenerator(model, rt.state, eod=tokenizer.eod,
                                vocab_size=tokenizer.vocab_size, seed=cfg.training.seed)
-    batch = cfg.textgen.eval_batch_size or cfg.training.train_micro_batch_size_per_gpu or 1
-    adapter = NeoXEvalAdapter(generator, tokenizer, batch_size=batch)
+    adapter = NeoXEvalAdapter(generator, tokenizer, batch_size=eval_batch_size(cfg))
     results = run_tasks(adapter, cfg)
     if rank0:
         if results is None:

@@ -107,7 +107,7 @@ def _main(argv: list[str] | None) -> int:
             plan = dataclasses.replace(plan, notes=tuple(dict.fromkeys(first.notes + plan.notes)),
                                        config_overrides=first.config_overrides)
         facts = RunFacts(world_size=plan.world_size, gpu=gpu, launching=not dry_run,
-                         purpose=purpose_of(args.user_script))
+                         purpose=purpose_of(args.user_script), user_script=args.user_script)
         cfg = resolve_config(merged, facts)
     except ConfigError as exc:
         print(f"deepy.py: error: {exc}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """MLP activations.
 
-Plain: ``gelu`` (exact, erf-based; ``openai_gelu`` selects the tanh approximation), ``relu``,
+Plain: ``gelu`` (exact, erf-based; ``openai_gelu``, and in the dense MLP ``bias_gelu_fusion``
+as in GPT-NeoX, select the tanh approximation), ``relu``,
 ``silu`` / ``swish``, ``mish``, ``softsign``.
 
 Gated (Shazeer, "GLU Variants Improve Transformer"): the up projection produces two halves
@@ -11,6 +12,7 @@ Gated (Shazeer, "GLU Variants Improve Transformer"): the up projection produces 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,13 @@ def _gelu(approximate: bool) -> Activation:
         return F.gelu(x, approximate=mode)
 
     return gelu
+
+
+def tanh_gelu(model: Any) -> bool:
+    """Whether the dense MLP's GeLU is the tanh approximation: ``openai_gelu``, or
+    ``bias_gelu_fusion`` with a plain GeLU (GPT-NeoX's fused bias-GeLU kernel computes the tanh
+    approximation, so models trained with the flag learned that function)."""
+    return bool(model.openai_gelu or (model.bias_gelu_fusion and model.activation == "gelu"))
 
 
 def is_gated(activation: str) -> bool:

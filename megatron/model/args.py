@@ -70,7 +70,9 @@ class ModelArgs:
     scalenorm_epsilon: float = key(1.0e-8, "ScaleNorm epsilon.")
     use_bias_in_norms: bool = key(True, "Learn a bias in LayerNorm (rmsnorm/scalenorm have none).")
     layernorm_fusion: bool = key(False, "Use a fused LayerNorm kernel where one is available "
-                                 "(same numbers).")
+                                 "(same numbers).",
+                                 hint="LayerNorm always runs as torch's layer_norm, which is "
+                                 "already one fused kernel")
     rmsnorm_fusion: bool = key(False, "Use a fused RMSNorm kernel where one is available "
                                "(same numbers).")
     pos_emb: PosEmb = key(
@@ -84,7 +86,9 @@ class ModelArgs:
     rotary_save_freqs_buffer: bool = key(
         False, "Keep the rotary inverse-frequency buffer in checkpoints.")
     rope_fusion: bool = key(False, "Use a fused rotary kernel where one is available "
-                            "(same numbers).")
+                            "(same numbers).",
+                            hint="rotary embeddings always run as plain tensor operations (no "
+                            "fused rotary kernel is provided)")
     opt_pos_emb_offset: int = key(0, "Offset added to learned position ids (OPT uses 2).")
     no_weight_tying: bool = key(False, "Untie the input embedding and the output layer.")
     activation: Activation = key(
@@ -92,7 +96,9 @@ class ModelArgs:
         "reglu, swiglu, bilinear, glu.")
     geglu: bool = key(False, "Legacy switch for the geglu activation (same as activation: geglu).")
     openai_gelu: bool = key(False, "Use the tanh approximation of GeLU.", origin="Meg")
-    onnx_safe: bool = key(False, "Use ONNX-exportable operations where they differ.", origin="Meg")
+    onnx_safe: bool = key(False, "Use ONNX-exportable operations where they differ.", origin="Meg",
+                          hint="ONNX export is not provided; the model's operations are the "
+                          "same either way")
     use_bias_in_attn_linear: bool = key(True, "Biases in the QKV and attention output "
                                         "projections.")
     use_bias_in_mlp: bool = key(True, "Biases in the MLP projections.")
@@ -101,11 +107,16 @@ class ModelArgs:
         None, "Attention type per layer as [[[types], count], ...], e.g. [[['global'], 12]]. "
         "Types: global, flash (global attention through the fused kernel), local (sliding "
         "window); the sparse types need DeepSpeed's GPU sparse-attention kernels.")
-    sparsity_config: dict | None = key(None, "Settings for DeepSpeed sparse attention layers.")
+    sparsity_config: dict | None = key(
+        None, "Settings for DeepSpeed sparse attention layers.",
+        unsupported="DeepSpeed sparse attention needs its GPU (triton) kernels, which are not "
+        "provided; remove sparsity_config")
     sliding_window_width: int | None = key(
         None, "Window of 'local' attention layers (tokens each query sees, itself included).")
     sparsity: Literal["none", "all", "interspersed"] = key(
-        "none", "Legacy sparse attention switch: none, all or interspersed.")
+        "none", "Legacy sparse attention switch: none, all or interspersed.",
+        unsupported="sparse attention needs DeepSpeed's GPU sparse-attention kernels, which are "
+        "not provided; use attention_config with global, flash or local")
     num_unique_layers: int | None = key(
         None, "Number of distinct transformer layers; num_layers must be a multiple. Layers "
         "are shared according to param_sharing_style.", origin="Meg")
@@ -120,15 +131,20 @@ class ModelArgs:
     gpt_j_residual: bool = key(False, "Parallel attention and MLP (GPT-J / Pythia residual).")
     gpt_j_tied: bool = key(False, "With gpt_j_residual, use one input norm for both branches.")
     scaled_upper_triang_masked_softmax_fusion: bool = key(
-        False, "Fuse scaling, causal masking and softmax (picks the fused attention path).",
-        origin="Meg")
+        False, "Fuse scaling, causal masking and softmax.", origin="Meg",
+        hint="causal attention already runs as torch's scaled_dot_product_attention, which "
+        "fuses scaling, causal masking and softmax")
     scaled_masked_softmax_fusion: bool = key(
         False, "Fuse scaling, general masking and softmax.", origin="Meg")
-    bias_gelu_fusion: bool = key(False, "Fuse the MLP bias add with GeLU.", origin="Meg")
+    bias_gelu_fusion: bool = key(
+        False, "Fuse the MLP bias add with GeLU; as GPT-NeoX's fused kernel, the GeLU is then the "
+        "tanh approximation.", origin="Meg")
     bias_dropout_fusion: bool = key(False, "Fuse bias add, dropout and residual add.",
                                     origin="Meg")
     use_flashattn_swiglu: bool = key(False, "Use flash-attn's fused SwiGLU kernel when "
-                                     "installed (GPU only).")
+                                     "installed (GPU only).",
+                                     hint="SwiGLU always runs as plain tensor operations (the "
+                                     "same numbers flash-attn's kernel computes)")
     fp16_lm_cross_entropy: bool = key(
         False, "Compute the language-model cross entropy in the half precision type instead "
         "of fp32.", origin="Meg")
@@ -146,12 +162,32 @@ class ModelArgs:
     attention_softmax_in_fp32: bool = key(False, "Run attention masking and softmax in fp32.",
                                           origin="Meg")
     use_cpu_initialization: bool = key(False, "Initialize parallel weights on the CPU.",
-                                       origin="Meg")
+                                       origin="Meg",
+                                       hint="parallel weights are always initialized as full "
+                                       "fp32 masters on the CPU and then split over the ranks")
     attention_dropout: float = key(0.0, "Dropout on the attention probabilities.", origin="Meg")
     hidden_dropout: float = key(0.0, "Dropout on the outputs of attention and MLP.",
                                 origin="Meg")
     use_mup: bool = key(False, "Maximal update parametrization.",
                         unsupported="muP is not supported")
+    coord_check: bool = key(False, "muP: plot a coordinate check.",
+        unsupported="muP is not supported")
+    save_base_shapes: bool = key(False, "muP: save the base shapes to base_shapes_file.",
+        unsupported="muP is not supported")
+    base_shapes_file: str | None = key(None, "muP: base shapes file.",
+        unsupported="muP is not supported")
+    mup_init_scale: float = key(1.0, "muP: initialization scale.",
+        unsupported="muP is not supported")
+    mup_attn_temp: float = key(1.0, "muP: attention temperature.",
+        unsupported="muP is not supported")
+    mup_output_temp: float = key(1.0, "muP: output temperature.",
+        unsupported="muP is not supported")
+    mup_embedding_mult: float = key(1.0, "muP: embedding multiplier.",
+        unsupported="muP is not supported")
+    mup_rp_embedding_mult: float = key(1.0, "muP: relative-position embedding multiplier.",
+        unsupported="muP is not supported")
+    mup_width_scale: int = key(2, "muP: width scale of the delta model.",
+        unsupported="muP is not supported")
     soft_prompt_tuning: dict | None = key(None, "Soft prompt tuning settings.",
                                           unsupported="soft prompt tuning is not supported")
     mlp_type: Literal["regular", "llama"] = key(

@@ -7,8 +7,10 @@ with ``partition_stride=2`` so every tensor-parallel rank holds matching halves 
 computes ``act(gate) * up`` locally.
 
 ``bias_gelu_fusion`` (plain GeLU only) adds the up-projection bias inside the activation call
-instead of inside the linear layer; ``bias_dropout_fusion`` hands the down-projection bias to
-the caller, which adds it together with dropout and the residual. Both give the same numbers.
+instead of inside the linear layer and, as GPT-NeoX's fused bias-GeLU kernel does, uses the tanh
+approximation of GeLU (:func:`~megatron.model.activations.tanh_gelu`); ``bias_dropout_fusion``
+hands the down-projection bias to the caller, which adds it together with dropout and the
+residual (the same numbers).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron.model.activations import activation_function, is_gated
+from megatron.model.activations import activation_function, is_gated, tanh_gelu
 from megatron.model.args import ModelArgs, mlp_width
 from megatron.model.init_methods import InitFn
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -38,7 +40,7 @@ class MLP(nn.Module):
         hidden = model.hidden_size
         self.ffn = mlp_width(model, model.activation)
         self.gated = is_gated(model.activation)
-        self.act = activation_function(model.activation, openai_gelu=model.openai_gelu)
+        self.act = activation_function(model.activation, openai_gelu=tanh_gelu(model))
         self.bias_in_activation = (
             model.bias_gelu_fusion and model.activation == "gelu" and model.use_bias_in_mlp
         )

@@ -134,10 +134,6 @@ def _model(cfg: NeoXConfig, loc: Locator) -> None:
             raise loc.error("num_unique_layers", message=(
                 "layer sharing needs pipe_parallel_size: 0 (layers cannot be shared across "
                 "pipeline stages)"))
-    if m.sparsity != "none":
-        raise loc.error("sparsity", message=(
-            f"{m.sparsity!r} needs DeepSpeed's GPU sparse-attention kernels, which this "
-            "framework does not provide; use attention_config with global, flash or local"))
     try:
         kinds = attention_layer_types(m.attention_config, m.num_layers)
     except ValueError as exc:
@@ -328,6 +324,14 @@ def _check_zero_block(zero: dict[str, Any], loc: Locator) -> None:
 
 def _data(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     d = cfg.data
+    if d.pack_impl == "pack_until_overflow":
+        raise loc.error("pack_impl", message=(
+            "'pack_until_overflow' (whole documents packed until the next one overflows) is not "
+            "provided; use packed or unpacked"))
+    if d.data_impl == "cached":
+        raise loc.error("data_impl", message=(
+            "'cached' (the legacy in-memory indexed format) is not provided; datasets here are "
+            "memory-mapped, as the preprocessing tools write them: use mmap or infer"))
     if d.data_path and d.train_data_paths:
         raise loc.error("data_path", "train_data_paths", message=(
             "set either data_path (with split) or train_data_paths, not both"))
@@ -455,9 +459,20 @@ def _post_training(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
             "pairwise training needs pos_train_data_paths and neg_train_data_paths"))
 
 
+def _scheduler(cfg: NeoXConfig, loc: Locator) -> None:
+    # As in GPT-NeoX, DeepSpeed builds the LR schedule from this block only for 1-bit Adam;
+    # every other optimizer gets the schedule of the lr_* keys, so the block would be ignored.
+    if cfg.ds.scheduler is not None and cfg.optim.optimizer_type != "OneBitAdam":
+        raise loc.error("scheduler", message=(
+            f"the DeepSpeed scheduler block is used only with optimizer type OneBitAdam, not "
+            f"{cfg.optim.optimizer_type}; the LR schedule comes from lr_decay_style, warmup, "
+            "lr_decay_iters and min_lr: remove the block"))
+
+
 def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     """Raise ConfigError for anything that is wrong wherever the job runs."""
     _ranges(cfg, loc)
+    _scheduler(cfg, loc)
     check_values(cfg, loc, purpose)
     _model(cfg, loc)
     _parallel(cfg, loc)
@@ -538,6 +553,10 @@ def check_machine(cfg: NeoXConfig, loc: Locator, facts: RunFacts) -> list[str]:
     if cfg.optim.optimizer_type == "OneBitAdam" and not facts.gpu:
         problems.append((("optimizer",), "OneBitAdam needs GPUs (DeepSpeed's 1-bit "
                          "communication); use Adam or AdamW on CPU ranks"))
+    elif cfg.optim.optimizer_type == "OneBitAdam" and cfg.other.distributed_backend == "gloo":
+        problems.append((("optimizer", "distributed_backend"), "OneBitAdam needs the nccl "
+                         "backend (DeepSpeed's 1-bit communication); unset distributed_backend "
+                         "or use Adam or AdamW"))
     if facts.purpose == "train":
         d = cfg.data
         prefixes: list[tuple[str, str]] = []

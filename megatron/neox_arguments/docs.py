@@ -8,7 +8,7 @@ A test fails when the committed file differs from what this prints.
 from __future__ import annotations
 
 from megatron.neox_arguments.fields import ORIGINS, type_name
-from megatron.neox_arguments.schema import ALIASES, KEYS, SECTIONS
+from megatron.neox_arguments.schema import ALIASES, KEYS, SECTIONS, KeySpec
 
 INTRO = """# Configuration reference
 
@@ -21,9 +21,13 @@ given after the config files on the command line (`--train_iters 100`) override 
 
 Every key is checked before any rank starts: unknown keys (with the closest known keys
 suggested), wrong types or choices, and inconsistent combinations are one-line errors naming
-the file and the key. Keys marked *derived* are computed and cannot be set. Keys marked
-*unsupported* are recognised so that existing GPT-NeoX configs load, but only their default is
-accepted.
+the file and the key. Keys marked *derived* are computed and cannot be set.
+
+The status column says what each key does here: *implemented* keys have the effect GPT-NeoX
+documents; *refused* keys are recognised so that existing GPT-NeoX configs load, but only their
+default is accepted (any other value is a one-line error with the reason given); *hint* keys
+are pure speed hints that change nothing in this implementation: they are accepted, and the run
+log says so once per run for each one that is set.
 
 Origin: {origins}.
 
@@ -42,25 +46,32 @@ def _default(value: object) -> str:
     return f"`{value!r}`" if not isinstance(value, bool) else f"`{str(value).lower()}`"
 
 
+def status_text(spec: KeySpec) -> str:
+    """The status cell: implemented, or refused/hint with the reason."""
+    if spec.status == "refused":
+        return f"refused: {spec.unsupported}"
+    if spec.status == "hint":
+        return f"hint: {spec.hint}"
+    return "implemented"
+
+
 def render() -> str:
     origins = "; ".join(f"{k} = {v}" for k, v in ORIGINS.items())
     out = [INTRO.format(origins=origins)]
     for section, (_cls, title) in SECTIONS.items():
         out.append(f"## {title}\n")
         out.append(f"Section `cfg.{section}`.\n")
-        out.append("| key | type | default | origin | description |")
-        out.append("|---|---|---|---|---|")
+        out.append("| key | type | default | origin | status | description |")
+        out.append("|---|---|---|---|---|---|")
         for spec in (s for s in KEYS.values() if s.section == section):
             doc = spec.doc
             if spec.derived:
                 doc = "*derived* " + doc
-            if spec.unsupported:
-                doc = f"*unsupported: {spec.unsupported}* " + doc
             if spec.name in ALIASES:
                 doc += f" Alias of `{ALIASES[spec.name]}`."
             out.append(
                 f"| `{spec.name}` | {_cell(type_name(spec.type))} | {_cell(_default(spec.default))}"
-                f" | {spec.origin} | {_cell(doc)} |"
+                f" | {spec.origin} | {_cell(status_text(spec))} | {_cell(doc)} |"
             )
         out.append("")
     return "\n".join(out)

@@ -14,8 +14,9 @@ class DeepSpeedArgs:
         None, "ZeRO block {stage: 0-3, allgather_bucket_size, reduce_bucket_size, overlap_comm, "
         "contiguous_gradients, offload_optimizer, offload_param, ...}.", origin="DSC")
     scheduler: dict | None = key(
-        None, "DeepSpeed LR scheduler block; the trainer's own schedule (lr_decay_style) is used "
-        "when absent.", origin="DSC")
+        None, "DeepSpeed LR scheduler block, with optimizer type OneBitAdam only (DeepSpeed "
+        "builds that optimizer and this schedule); every other optimizer follows the lr_* keys.",
+        origin="DSC")
     steps_per_print: int = key(10, "DeepSpeed's own progress print interval.", origin="DSC")
     wall_clock_breakdown: bool = key(
         False, "Time forward, backward, optimizer and data loading and print the breakdown.",
@@ -40,7 +41,15 @@ class DeepSpeedArgs:
     csv_monitor: dict | None = key(None, "DeepSpeed CSV monitor block.", origin="DSC")
     elasticity: dict | None = key(None, "DeepSpeed elasticity block.", origin="DSC",
                                   unsupported="elasticity was removed from DeepSpeed")
-    data_efficiency: dict | None = key(None, "DeepSpeed data efficiency block.", origin="DSC")
+    data_efficiency: dict | None = key(
+        None, "DeepSpeed data efficiency block.", origin="DSC",
+        unsupported="DeepSpeed's data efficiency library (curriculum data sampling, random-LTD) "
+        "works only through a data loader DeepSpeed builds and a converted model; the trainer "
+        "feeds its own data pipeline")
+    sparse_attention: dict | None = key(
+        None, "DeepSpeed sparse attention block.", origin="DSC",
+        unsupported="DeepSpeed sparse attention needs its GPU (triton) kernels, which are not "
+        "provided")
     curriculum_learning: dict | None = key(
         None, "Sequence-length curriculum: DeepSpeed's curriculum block {enabled, "
         "curriculum_type: seqlen, min_difficulty, max_difficulty, schedule_type, "

@@ -43,10 +43,13 @@ class DataArgs:
     reset_attention_mask: bool = key(
         False, "Documents packed into one sample do not attend to each other.", origin="Meg")
     short_seq_prob: float = key(0.1, "Probability of a short sequence (BERT-style data only).",
-                                origin="Meg")
-    pack_impl: Literal["packed", "unpacked"] = key(
+                                origin="Meg",
+                                unsupported="short sequences belong to BERT-style datasets, "
+                                "which are not provided (GPT datasets always fill seq_length)")
+    pack_impl: Literal["packed", "unpacked", "pack_until_overflow"] = key(
         "packed", "How documents fill samples: packed (concatenated across document "
-        "boundaries) or unpacked (one document per sample, padded; labels -100 on the padding).")
+        "boundaries) or unpacked (one document per sample, padded; labels -100 on the padding). "
+        "GPT-NeoX's pack_until_overflow is refused.")
     dataset_impl: Literal["gpt2", "pairwise"] = key(
         "gpt2", "Dataset type: gpt2, or pairwise (chosen/rejected pairs from the pos_*/neg_* "
         "paths, one pair per sample, unpacked).")
@@ -104,7 +107,7 @@ class LoggingArgs:
     wandb_host: str = key("https://api.wandb.ai", "W&B server.")
     wandb_init_all_ranks: bool = key(False, "Start a W&B run on every rank, not only rank 0.")
     wandb_run_name: str | None = key(None, "W&B run name.")
-    git_hash: str | None = key(None, "Git revision of the code, recorded in logs.")
+    git_hash: str | None = key(None, "Git revision of the code, recorded in the run log header.")
     memory_profiling: bool = key(
         False, "Record the CUDA allocator's history and write its snapshot "
         "(memory_profiling_path/mem_snapshot.pickle) after iteration profile_step_stop; "
@@ -151,17 +154,32 @@ class OtherArgs:
     distributed_backend: Literal["nccl", "gloo", "mpi", "ccl"] | None = key(
         None, "torch.distributed backend; unset: nccl on GPUs, gloo on CPU ranks.",
         origin="Meg")
-    local_rank: int | None = key(None, "Set by the launcher.", origin="Meg")
-    rank: int | None = key(None, "Set by the launcher.", origin="Meg")
+    local_rank: int | None = key(
+        None, "Set by the launcher.", origin="Meg",
+        unsupported="the launcher gives each rank its local rank (--local_rank, LOCAL_RANK); a "
+        "config file cannot set it")
+    rank: int | None = key(
+        None, "Set by the launcher.", origin="Meg",
+        unsupported="the launcher gives each rank its global rank (RANK); a config file cannot "
+        "set it")
     lazy_mpu_init: bool = key(False, "Skip distributed init (external frameworks).",
-                              origin="Meg")
+                              origin="Meg",
+                              unsupported="handing distributed initialization to an external "
+                              "manager is not provided; the ranks always initialize it at start")
     adlr_autoresume: bool = key(False, "ADLR cluster autoresume.", origin="Meg",
                                 unsupported="ADLR autoresume is not supported; SIGTERM saves "
                                 "a checkpoint instead (save_on_signal)")
-    adlr_autoresume_interval: int = key(1000, "ADLR autoresume check interval.", origin="Meg")
-    deepscale: bool = key(False, "Legacy DeepSpeed flag (ignored).", origin="DSL")
-    deepscale_config: str | None = key(None, "Legacy DeepSpeed flag (ignored).", origin="DSL")
-    deepspeed: bool = key(True, "Always true: training runs through DeepSpeed.", origin="DSL")
+    adlr_autoresume_interval: int = key(1000, "ADLR autoresume check interval.", origin="Meg",
+                                        unsupported="ADLR autoresume is not supported, so its "
+                                        "interval has nothing to set")
+    deepscale: bool = key(False, "Legacy DeepSpeed flag (ignored).", origin="DSL",
+                          hint="deprecated DeepSpeed flag that GPT-NeoX ignores as well")
+    deepscale_config: str | None = key(
+        None, "Legacy DeepSpeed config file.", origin="DSL",
+        unsupported="a separate DeepSpeed JSON file is not read; put its blocks "
+        "(zero_optimization, fp16, ...) into the YAML config")
+    deepspeed: bool = key(True, "Always true: training runs through DeepSpeed.", origin="DSL",
+                          unsupported="training always runs through DeepSpeed")
     user_script: str | None = key(None, "The script deepy.py launched.", derived=True)
     config_files: dict | None = key(None, "The merged config files (name -> text).",
                                     derived=True)

@@ -33,6 +33,8 @@ class ParallelismArgs:
     world_size: int = key(1, "Total number of ranks of the job.", derived=True)
     data_parallel_size: int = key(1, "world_size / (pipeline stages x model_parallel_size).",
                                   derived=True)
+    global_num_gpus: int = key(1, "GPT-NeoX's name of world_size: all ranks of the job.",
+                               derived=True)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class TrainingArgs:
         None, "Samples each rank processes per forward/backward.", origin="DSC")
     gradient_accumulation_steps: int | None = key(
         None, "Micro batches accumulated per optimizer step.", origin="DSC")
+    batch_size: int | None = key(None, "GPT-NeoX name of train_micro_batch_size_per_gpu.")
     gradient_clipping: float = key(1.0, "Clip the global gradient norm to this (0 disables).",
                                    origin="DSC")
     clip_grad: float | None = key(None, "Megatron name of gradient_clipping.", origin="Meg")

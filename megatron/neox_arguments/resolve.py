@@ -32,6 +32,7 @@ class RunFacts:
     launching: bool = True  # False for --dry-run: machine facts become warnings
     purpose: str | None = "train"  # train | generate | eval | None
     vocab_size: int | None = None
+    user_script: str | None = None  # the script deepy.py launches (or the worker runs)
 
 
 def purpose_of(user_script: str | None) -> str | None:
@@ -213,7 +214,9 @@ def resolve_config(merged: MergedConfig, facts: RunFacts | None = None) -> NeoXC
             f"the launch has {facts.world_size} ranks (hostfile / num_gpus), not a multiple of "
             f"pipeline stages x model_parallel_size = {stages} x {mp}"))
     dp = facts.world_size // (stages * mp)
-    derived.update(world_size=facts.world_size, data_parallel_size=dp, is_pipe_parallel=pp >= 1)
+    derived.update(world_size=facts.world_size, global_num_gpus=facts.world_size,
+                   data_parallel_size=dp, is_pipe_parallel=pp >= 1)
+    derived.update(user_script=facts.user_script, config_files=dict(merged.texts) or None)
     tbs, mbs, gas = _batch(values, dp, loc)
     derived.update(train_batch_size=tbs, train_micro_batch_size_per_gpu=mbs,
                    gradient_accumulation_steps=gas)

@@ -98,6 +98,7 @@ ALIASES: dict[str, str] = {
     "distribute_checkpointed_activations": "partition_activations",
     "clip_grad": "gradient_clipping",
     "checkpoint_factor": "save_interval",
+    "batch_size": "train_micro_batch_size_per_gpu",
 }
 
 

@@ -10,6 +10,7 @@ from megatron.model_size import active_parameter_count, parameter_count
 from megatron.neox_arguments.config import padded_vocab_size
 from megatron.neox_arguments.deepspeed_config import build_deepspeed_config
 from megatron.neox_arguments.groups_model import expert_parallel_size
+from megatron.neox_arguments.schema import KEYS
 
 if TYPE_CHECKING:
     from megatron.neox_arguments.config import NeoXConfig
@@ -23,6 +24,16 @@ def overrides_lines(cfg: NeoXConfig) -> list[str]:
     return ["overridden keys (later file wins):"] + [
         "  " + o.describe() for o in cfg.merged.overrides
     ]
+
+
+def hint_lines(cfg: NeoXConfig) -> list[str]:
+    """One line per speed-hint key set to a value other than its default: the key is accepted
+    and changes nothing here, and the line says why."""
+    lines = []
+    for spec in KEYS.values():
+        if spec.hint and cfg.get(spec.name) != spec.default:
+            lines.append(f"note: {spec.name} is a speed hint with no effect here: {spec.hint}")
+    return lines
 
 
 def summary_lines(cfg: NeoXConfig) -> list[str]:
@@ -59,5 +70,8 @@ def summary_lines(cfg: NeoXConfig) -> list[str]:
             f"mixture of experts: {moe_layers} layers of {m.moe_num_experts} experts, top "
             f"{m.moe_top_k} ({m.moe_router_type}), expert parallel {expert_parallel_size(p)}; "
             f"{active_parameter_count(m, vocab) / 1e6:,.1f}M active parameters per token"))
+    if cfg.logging.git_hash:
+        lines.append(f"git hash: {cfg.logging.git_hash}")
+    lines += hint_lines(cfg)
     lines += [f"warning: {w}" for w in cfg.warnings]
     return lines

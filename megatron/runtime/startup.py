@@ -91,7 +91,8 @@ def start(argv: list[str] | None = None, *, purpose: str | None = None,
     world = int(os.environ.get("WORLD_SIZE", "1"))
     purpose = purpose or purpose_of(sys.argv[0])
     cfg = resolve_config(merged, RunFacts(world_size=world, gpu=accelerator.is_gpu(),
-                                          launching=True, purpose=purpose))
+                                          launching=True, purpose=purpose,
+                                          user_script=sys.argv[0]))
     local_rank = int(local_rank if local_rank is not None else os.environ.get("LOCAL_RANK", 0))
     os.environ["LOCAL_RANK"] = str(local_rank)
     accelerator.set_device(local_rank)

@@ -52,8 +52,10 @@ def test_disabled_block_stays_disabled():
 
 
 def test_optimizer_block_only_when_deepspeed_builds_it():
+    # validation refuses a scheduler block beside a trainer-built optimizer; the dict builder is
+    # checked on a config given one directly
     cfg = make_cfg(optimizer={"type": "Adam", "params": {"lr": 0.1, "betas": [0.9, 0.99]}},
-                   lr=0.2, scheduler={"type": "WarmupLR", "params": {}})
+                   lr=0.2).replace_section("ds", scheduler={"type": "WarmupLR", "params": {}})
     assert "optimizer" not in build_deepspeed_config(cfg)
     ds = build_deepspeed_config(cfg, client_optimizer=False)
     assert ds["optimizer"] == {"type": "Adam", "params": {"lr": 0.2, "betas": [0.9, 0.99]}}

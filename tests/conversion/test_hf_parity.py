@@ -333,3 +333,17 @@ def test_llama2_shaped_mlp_exports_its_real_width_and_imports_back(tmp_path):
     names = {f.name for f in dataclasses.fields(ModelArgs)}
     back = ModelArgs(**{k: v for k, v in values.items() if k in names})
     assert arch == "llama" and mlp_width(back, back.activation) == 176
+
+
+def test_bias_gelu_fusion_exports_the_tanh_gelu() -> None:
+    from megatron.conversion.hf_mapping import hf_config
+    from megatron.model.args import ModelArgs
+
+    def act(**flags: bool) -> str:
+        model = ModelArgs(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                          max_position_embeddings=16, pos_emb="rotary", **flags)
+        return hf_config(model, "neox", vocab_size=128, special={},
+                         dtype=torch.float32).hidden_act
+
+    assert act() == "gelu"
+    assert act(bias_gelu_fusion=True) == act(openai_gelu=True) == "gelu_pytorch_tanh"

@@ -242,6 +242,40 @@ def test_build_blend_from_paths(tmp_path):
         )
 
 
+def test_valid_and_test_blends_labels_and_mmap_warmup(tmp_path, monkeypatch):
+    from megatron.data import indexed_dataset
+
+    make_corpus(tmp_path / "a", num_docs=30, seed=1, labels=True)
+    make_corpus(tmp_path / "b", num_docs=40, seed=2, labels=True)
+    warmed: list[str] = []
+    monkeypatch.setattr(indexed_dataset, "_warmup", lambda path: warmed.append(str(path)))
+    pair = [str(tmp_path / "a"), str(tmp_path / "b")]
+    labels = [p + "_label" for p in pair]
+    cfg = DataArgs(
+        train_data_paths=pair, valid_data_paths=pair, test_data_paths=pair,
+        valid_data_weights=[1.0, 3.0], test_data_weights=[4.0, 1.0],
+        train_label_data_paths=labels, valid_label_data_paths=labels,
+        test_label_data_paths=labels, data_cache_dir=str(tmp_path / "cache"),
+    )
+    train, valid, test = build_train_valid_test_datasets(
+        cfg, seq_length=16, seed=1, train_val_test_num_samples=[40, 400, 500]
+    )
+    assert np.bincount(valid.dataset_index, minlength=2).tolist() == [100, 300]
+    assert np.bincount(test.dataset_index, minlength=2).tolist() == [400, 100]
+    for split in (train, valid, test):
+        sample = split[3]
+        text, label = sample["text"], sample["label"]
+        assert label.shape == text.shape
+        assert np.array_equal(np.where(text % 3 == 0, -100, text), label)
+    assert warmed == []  # mmap_warmup off: the files are not read ahead
+    build_train_valid_test_datasets(
+        dataclasses.replace(cfg, mmap_warmup=True), seq_length=16, seed=1,
+        train_val_test_num_samples=[40, 0, 0],
+    )
+    assert sorted(set(warmed)) == sorted(
+        str(tmp_path / f"{name}.bin") for name in ("a", "a_label", "b", "b_label"))
+
+
 def test_missing_data_config_is_an_error():
     with pytest.raises(ValueError, match="data_path or train_data_paths"):
         build_train_valid_test_datasets(

@@ -142,3 +142,31 @@ def test_tensor_parallel_adapter_matches_one_rank(model):
         assert value == pytest.approx(want, abs=1e-4) and greedy == want_greedy
     assert results[0][1] == single.generate_until(
         [Request(("Q: ", {"until": ["\n"], "max_gen_toks": 6}))])
+
+
+def test_eval_keys_reach_lm_eval(monkeypatch) -> None:
+    import lm_eval
+
+    from megatron.evaluation import runner
+
+    seen: dict = {}
+    monkeypatch.setattr(runner, "task_manager", lambda tasks, include: "manager")
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: seen.update(kw) or {"r": 1})
+    base = {**MODEL, "train_micro_batch_size_per_gpu": 3, "eval_tasks": ["lambada_openai"]}
+    cfg = resolved({**base, "eval_num_fewshot": 2, "eval_limit": 5, "eval_batch_size": 7})
+    assert runner.run_tasks("adapter", cfg) == {"r": 1}
+    assert (seen["num_fewshot"], seen["limit"], seen["tasks"]) == (2, 5, ["lambada_openai"])
+    assert seen["model"] == "adapter" and seen["task_manager"] == "manager"
+    assert runner.eval_batch_size(cfg) == 7
+    assert runner.eval_batch_size(resolved(base)) == 3  # unset: the training micro batch
+
+
+def test_prompt_end_splits_the_input_file(tmp_path) -> None:
+    from megatron.text_generation.runner import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("one\ntwo|three\n|")
+    assert read_prompts(str(path)) == ["one", "two|three", "|"]
+    assert read_prompts(str(path), "|") == ["one\ntwo", "three\n"]
+    cfg = resolved({**MODEL, "prompt_end": "|"})
+    assert read_prompts(str(path), cfg.textgen.prompt_end) == ["one\ntwo", "three\n"]

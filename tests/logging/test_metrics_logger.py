@@ -244,3 +244,17 @@ def test_from_config_and_header(tmp_path: Path) -> None:
     assert logger.throughput is not None and logger.throughput.peak_tflops == 50.0
     assert "config" in source
     logger.close()
+
+
+def test_wandb_keys_reach_the_wandb_settings() -> None:
+    from megatron.neox_arguments.groups_io import LoggingArgs
+
+    assert WandbSettings.from_logging_args(LoggingArgs()) is None  # use_wandb off
+    args = LoggingArgs(use_wandb=True, wandb_project="p", wandb_group="g", wandb_team="t",
+                       wandb_host="http://localhost:1", wandb_run_name="r",
+                       wandb_init_all_ranks=True)
+    s = WandbSettings.from_logging_args(args, config={"a": 1})
+    assert s is not None
+    assert (s.project, s.group, s.team, s.host, s.run_name, s.init_all_ranks) == \
+        ("p", "g", "t", "http://localhost:1", "r", True)
+    assert s.config == {"a": 1}

@@ -142,6 +142,8 @@ FUSION_BASE: dict[str, dict[str, Any]] = {
     },
     "rmsnorm": {"norm": "rmsnorm"},
     "rope": {"pos_emb": "rotary"},
+    # the fused bias-GeLU computes the tanh approximation (test_bias_gelu_fusion_is_tanh_gelu)
+    "bias-gelu": {"openai_gelu": True},
 }  # fmt: skip
 
 
@@ -160,6 +162,15 @@ def test_fusion_flags_give_the_same_numbers(flag: str) -> None:
     assert results[0][1].keys() == results[1][1].keys()
     for name, g in results[0][1].items():
         assert_close(results[1][1][name], g, **CLOSE, msg=name)
+
+
+def test_bias_gelu_fusion_is_tanh_gelu() -> None:
+    """As in GPT-NeoX, whose fused bias-GeLU kernel is the tanh approximation of GeLU."""
+    tokens, _, _ = batch(2, 16)
+    outs = {name: build(make_config(**flags)).eval()(tokens).detach() for name, flags in (
+        ("exact", {}), ("tanh", {"openai_gelu": True}), ("fused", {"bias_gelu_fusion": True}))}
+    assert_close(outs["fused"], outs["tanh"], **CLOSE)
+    assert not torch.allclose(outs["fused"], outs["exact"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("pos_emb", ["rotary", "alibi"])

@@ -98,3 +98,16 @@ def test_model_and_config_packages_import_in_any_order(first: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == str(first != "megatron.model.gpt")
+
+
+def test_scalenorm_epsilon_bounds_the_norm() -> None:
+    import torch
+
+    from megatron.model.norms import build_norm
+
+    x = torch.tensor([[3e-4, 4e-4], [3.0, 4.0]])  # norms 5e-4 and 5
+    for eps, small in ((1e-8, [0.6, 0.8]), (1e-2, [0.03, 0.04])):
+        norm = build_norm(ModelArgs(hidden_size=2, norm="scalenorm", scalenorm_epsilon=eps), 2)
+        out = norm(x)
+        assert torch.allclose(out[0], torch.tensor(small), atol=1e-6)  # x / max(|x|, eps)
+        assert torch.allclose(out[1], torch.tensor([0.6, 0.8]))

@@ -210,3 +210,24 @@ def test_make_test_gpu_runs_nothing_without_a_gpu():
     assert "needs a CUDA GPU" in proc.stdout
     assert "nothing was run" in proc.stdout
     assert "passed" not in proc.stdout and "pytest" not in proc.stdout
+
+
+def test_torch_compile_mode_reaches_each_layer(monkeypatch) -> None:
+    from torch import nn
+
+    from megatron.training import compile as compile_mod
+
+    modes: list[object] = []
+
+    class Layer(nn.Module):
+        def compile(self, *args, **kwargs):  # records instead of compiling
+            modes.append(kwargs.get("mode"))
+
+    layers = [Layer(), Layer()]
+    monkeypatch.setattr(compile_mod, "transformer_layers", lambda model: layers)
+    for mode, expected in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+                           ("default", None)):
+        modes.clear()
+        cfg = make_config(torch_compile=True, torch_compile_mode=mode)
+        done = compile_mod.apply_compile_and_fp8(nn.Identity(), cfg)
+        assert done["compiled_layers"] == 2 and modes == [expected, expected]

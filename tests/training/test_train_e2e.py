@@ -32,6 +32,7 @@ def test_loss_falls_logs_are_written_and_a_nan_step_is_skipped(corpus, tmp_path)
         optimizer={"type": "AdamW", "params": {"lr": 0.003, "betas": [0.9, 0.95]}},
         warmup=0.05, tensorboard_dir=str(run / "tb"), use_wandb=True,
         wandb_project="e2e", inject_nonfinite_loss_iters=[10], wall_clock_breakdown=True,
+        scaled_upper_triang_masked_softmax_fusion=True,
     ))
     proc = run_deepy("configs/tiny_neox.yml", cfg, env={"WANDB_MODE": "offline"})
     assert proc.returncode == 0, explain(proc)
@@ -53,6 +54,10 @@ def test_loss_falls_logs_are_written_and_a_nan_step_is_skipped(corpus, tmp_path)
     assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]), rel=1e-6)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] + 0.5
     assert "iteration 40/40" in proc.stdout
+    # a speed hint is noted once, in rank 0's log
+    note = "note: scaled_upper_triang_masked_softmax_fusion is a speed hint with no effect here"
+    run_log = (run / "logs" / "run.log").read_text()
+    assert run_log.count(note) == 1 and proc.stdout.count(note) == 1
     breakdown = [ln for ln in proc.stdout.splitlines() if ln.startswith("time (ms) | forward: ")]
     assert len(breakdown) == 40 and "| optimizer: " in breakdown[-1] and "| data: " in breakdown[-1]
     # TensorBoard got the same scalars
