@@ -361,6 +361,8 @@ def plan_launch(
     hostfile, resources = plan_resources(args, gpu=gpu, local_device_count=local_device_count,
                                          source=source, generated=files)
     world = sum(len(slots) for slots in resources.values())
+    if launcher != "slurm" and (args.comment or args.account):
+        notes.append("comment/account: only srun takes them (launcher: slurm); unused here")
     if launcher != "pdsh" and hostfile is not None and not no_ssh and not force_multi:
         force_multi = True  # a launcher the user named starts the ranks, even on one node
         notes.append(f"launcher: {launcher} starts the ranks (named in the config)")

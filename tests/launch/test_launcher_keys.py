@@ -36,3 +36,18 @@ def test_num_cpu_threads_per_rank_sets_torch_threads(monkeypatch):
         assert torch.get_num_threads() == max(1, torch.multiprocessing.cpu_count())
     finally:
         torch.set_num_threads(before)
+
+
+def test_comment_and_account_outside_slurm_are_noted(tmp_path):
+    """GPT-NeoX passes comment (and account) to srun only: with another launcher the plan says
+    that they are unused instead of dropping them silently."""
+    from megatron.launch.plan import plan_launch
+    from megatron.neox_arguments.groups_deepspeed import LauncherArgs
+
+    def notes(**kw):
+        return plan_launch(LauncherArgs(**kw), "train.py", [], gpu=False, local_device_count=0,
+                           environ={"HOME": "/nonexistent"}).notes
+
+    unused = "comment/account: only srun takes them (launcher: slurm); unused here"
+    assert unused in notes(comment="run-7") and unused in notes(account="proj")
+    assert unused not in notes(comment="run-7", launcher="slurm") and unused not in notes()
