@@ -54,10 +54,14 @@ def test_unreachable_host_is_one_line_and_a_reachable_one_skips_the_runner_check
     checked = preflight(p, which=lambda tool: "/usr/bin/" + tool, reach=lambda host: None)
     assert "--no_ssh_check" in checked.argv
     assert checked.argv.index("--no_ssh_check") < checked.argv.index("train.py")
+    # mpirun reaches remote hosts over ssh too; srun does not
+    assert ssh_hosts(plan(hostfile=path, launcher="openmpi")) == ["worker-0", "worker-1"]
+    assert ssh_hosts(plan(hostfile=path, launcher="slurm")) == []
 
 
-def test_deepy_unreachable_host_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
-    """For real: ssh to a name that cannot resolve, from deepy.py's own entry point."""
+def test_deepy_launch_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    """For real, from deepy.py's own entry point: ssh to a name that cannot resolve, a bad
+    hostfile line, and launcher: openmpi where mpirun is not on PATH."""
     from launch_helpers import build_corpus
 
     from megatron.launch.cli import main
@@ -73,3 +77,18 @@ def test_deepy_unreachable_host_exits_2_with_one_line(tmp_path, capsys, monkeypa
     assert len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith(f"deepy.py: error: hostfile: {path}: host node-a.invalid is not "
                                f"reachable by passwordless ssh (")
+
+    def one_line(*argv):
+        code = main([*argv, "train.py", "configs/tiny_neox.yml", "--tokenizer_type",
+                     "CharLevelTokenizer", "--data_path", data])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err, err
+        return err
+
+    bad = hostfile(tmp_path, "localhost slots=two\n")
+    assert one_line("-H", bad).startswith(f"deepy.py: error: {bad}: bad hostfile (")
+    local = hostfile(tmp_path, "localhost slots=2\n")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert one_line("-H", local, "--launcher", "openmpi") == (
+        "deepy.py: error: launcher: openmpi needs mpirun and ompi_info, not found on PATH: "
+        "install it (Debian: apt-get install openmpi-bin) or pick another launcher")
