@@ -46,6 +46,7 @@ EXPECTED: dict[str, str | tuple[str, str]] = {
     "bf16_125M.yml": DRY_RUNS,
     "1-3B.yml": DRY_RUNS,
     "6-7B.yml": DRY_RUNS,
+    "13B.yml": DRY_RUNS,
     "20B.yml": DRY_RUNS,
     "pythia/160M.yml": DRY_RUNS,
     "pythia/6-9B.yml": DRY_RUNS,
@@ -60,6 +61,7 @@ EXPECTED: dict[str, str | tuple[str, str]] = {
     "1-3B-transformer-engine.yml": ("te_layernorm_mlp", "transformer_engine"),
     "bnb_125M.yml": ("use_bnb_optimizer", "bitsandbytes"),
     "llemma/7B.yml": ("decay_lr_to", "set min_lr"),
+    "FIM-160M.yml": ("extra_sentinel_tokens", "fill-in-the-middle training is not provided"),
     # GPT-NeoX's own typo: YAML reads 1.0e_8 as text
     "gmlp_small.yml": ("optimizer", "params.eps must be a number, got '1.0e_8'"),
     # sets output_layer_init_method twice (single_residual_scaled_normal, then wang_init)
