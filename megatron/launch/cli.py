@@ -21,6 +21,7 @@ from pathlib import Path
 
 from megatron import accelerator  # importing megatron sets DS_ACCELERATOR before DeepSpeed
 from megatron.launch.plan import plan_launch, runner_exports
+from megatron.launch.preflight import preflight
 from megatron.launch.supervise import supervise
 from megatron.neox_arguments import ConfigError, RunFacts, load_config_files, purpose_of
 from megatron.neox_arguments.cli import (
@@ -109,6 +110,8 @@ def _main(argv: list[str] | None) -> int:
         facts = RunFacts(world_size=plan.world_size, gpu=gpu, launching=not dry_run,
                          purpose=purpose_of(args.user_script), user_script=args.user_script)
         cfg = resolve_config(merged, facts)
+        if not dry_run:
+            plan = preflight(plan)
     except ConfigError as exc:
         print(f"deepy.py: error: {exc}", file=sys.stderr)
         return 2

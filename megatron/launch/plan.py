@@ -299,10 +299,6 @@ def runner_argv(
         argv.append("--no_ssh_check")
     if no_ssh:
         argv += ["--no_ssh", "--node_rank", str(node_rank if node_rank is not None else 0)]
-    if args.detect_nvlink_pairs:
-        argv.append("--detect_nvlink_pairs")
-    if args.autotuning_run:
-        argv += ["--autotuning", args.autotuning_run]
     parts = []
     if args.launcher == "slurm":
         if args.comment:
@@ -365,6 +361,11 @@ def plan_launch(
     hostfile, resources = plan_resources(args, gpu=gpu, local_device_count=local_device_count,
                                          source=source, generated=files)
     world = sum(len(slots) for slots in resources.values())
+    if launcher != "slurm" and (args.comment or args.account):
+        notes.append("comment/account: only srun takes them (launcher: slurm); unused here")
+    if launcher != "pdsh" and hostfile is not None and not no_ssh and not force_multi:
+        force_multi = True  # a launcher the user named starts the ranks, even on one node
+        notes.append(f"launcher: {launcher} starts the ranks (named in the config)")
     multi_exec = (force_multi or len(resources) > 1) and not no_ssh
     hosts = list(resources)
     local_only = all(is_local_host(h) for h in hosts)
@@ -428,8 +429,13 @@ def plan_launch(
         files[env_file] = "".join(f"{k}={v}\n" for k, v in exports.items())
         env["DS_ENV_FILE"] = env_file
     elif launcher != "pdsh":
-        notes.append(f"launcher: {launcher} is not used: one node runs DeepSpeed's local "
-                     f"launcher (--force_multi starts it through {launcher})")
+        notes.append(f"launcher: {launcher} is not used: one node without a hostfile runs "
+                     f"DeepSpeed's local launcher (--force_multi starts it through {launcher})")
+    elif hostfile is not None and local_only:
+        # DeepSpeed's runner would check ssh to this machine (and ask it for its address)
+        # before it picks its local launcher for a one-node hostfile
+        no_ssh_check = True
+        master_addr = master_addr or "127.0.0.1"
     argv = runner_argv(args, hostfile, user_script, user_args, gpu=gpu,
                        extra_runner_args=extra_runner_args, launcher_args=extra_launcher_args,
                        master_addr=master_addr, no_ssh=no_ssh, node_rank=node_rank,

@@ -29,7 +29,10 @@ class DeepSpeedArgs:
     sparse_gradients: bool = key(False, "Sparse embedding gradients.", origin="DSC",
                                  unsupported="sparse_gradients was removed from DeepSpeed")
     flops_profiler: dict | None = key(None, "DeepSpeed flops profiler block.", origin="DSC")
-    autotuning: dict | None = key(None, "DeepSpeed autotuning block.", origin="DSC")
+    autotuning: dict | None = key(
+        None, "DeepSpeed autotuning block.", origin="DSC",
+        unsupported="DeepSpeed's autotuner is not supported (see autotuning_run); the block "
+        "alone would only profile a few steps and then end the run")
     activation_checkpointing: dict | None = key(
         None, "DeepSpeed activation checkpointing block (normally derived from the "
         "checkpoint_* keys).", origin="DSC")
@@ -86,10 +89,15 @@ class LauncherArgs:
         "pdsh", "Multi-node launcher backend.", origin="DSL")
     force_multi: bool = key(False, "Use the multi-node launcher even on one node.",
                             origin="DSL")
-    detect_nvlink_pairs: bool = key(False, "Remap GPUs so NVLink pairs are adjacent.",
-                                    origin="DSL")
-    autotuning_run: str | None = key(None, "Run DeepSpeed's autotuner ('tune' or 'run').",
-                                     origin="DSL")
+    detect_nvlink_pairs: bool = key(
+        False, "Remap GPUs so NVLink pairs are adjacent.", origin="DSL",
+        unsupported="NVLink pair detection is an option of DeeperSpeed's runner that "
+        "DeepSpeed's runner lacks; order the GPUs with CUDA_VISIBLE_DEVICES instead")
+    autotuning_run: str | None = key(
+        None, "Run DeepSpeed's autotuner ('tune' or 'run').", origin="DSL",
+        unsupported="DeepSpeed's autotuner is not supported: it starts its own experiment "
+        "runs from a DeepSpeed config file and measures them on GPUs; tune the batch size and "
+        "ZeRO settings by hand")
     no_ssh_check: bool = key(False, "Skip the passwordless-ssh check on multi-node launches.",
                              origin="DSL")
     comment: str | None = key(None, "Slurm --comment for srun.", origin="DSL")

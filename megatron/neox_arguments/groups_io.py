@@ -56,6 +56,16 @@ class DataArgs:
     allow_chopped: bool = key(True, "Allow the last, partial sample of an epoch.")
     data_cache_dir: str | None = key(
         None, "Where the sample-index cache goes; unset: next to the data.", origin="Here")
+    fim_rate: float = key(
+        0.0, "Set by GPT-NeoX's FIM configs: share of documents rearranged for "
+        "fill-in-the-middle training.",
+        unsupported="fill-in-the-middle training is not provided (and not one of GPT-NeoX's "
+        "arguments; its FIM configs set it)")
+    extra_sentinel_tokens: int = key(
+        0, "Set by GPT-NeoX's FIM configs: sentinel tokens added to the tokenizer for "
+        "fill-in-the-middle training.",
+        unsupported="fill-in-the-middle training is not provided (and not one of GPT-NeoX's "
+        "arguments; its FIM configs set it)")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,14 @@ class LRArgs:
     use_checkpoint_lr_scheduler: bool = key(
         False, "Take the scheduler's values from the loaded checkpoint instead of the config.",
         origin="Meg")
+    decay_lr_to: float | None = key(
+        None, "Set by GPT-NeoX's Llemma configs: decay to this fraction of the peak lr.",
+        unsupported="not one of GPT-NeoX's arguments (its Llemma configs set it): set min_lr "
+        "to the peak lr times this fraction")
+    warmup_iters: int | None = key(
+        None, "Set by GPT-NeoX's Llemma configs: warmup length in iterations.",
+        unsupported="not one of GPT-NeoX's arguments (its Llemma configs set it): set warmup "
+        "to these iterations as a fraction of lr_decay_iters")
 
 
 @dataclass(frozen=True)

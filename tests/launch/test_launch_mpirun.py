@@ -31,21 +31,25 @@ def corpus(tmp_path_factory):
     return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def mpirun_job(tmp_path: Path, corpus: str, **values) -> Job:
+def mpirun_job(tmp_path: Path, corpus: str, force_multi: bool = True, **values) -> Job:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     cfg = write_job_config(tmp_path / "job.yml", corpus, **values)
-    return Job(["-H", str(hostfile), "--launcher", "openmpi", "--force_multi",
+    return Job(["-H", str(hostfile), "--launcher", "openmpi",
+                *(["--force_multi"] if force_multi else []),
                 "--master_port", free_master_port(), "train.py", "configs/tiny_neox.yml", cfg],
                tmp_path / "out.txt")
 
 
 def test_openmpi_trains_two_ranks(tmp_path, corpus):
+    """launcher: openmpi and a one-node hostfile ('localhost slots=2'), nothing else: the
+    named launcher starts the ranks, without ssh to this machine."""
     require_tools(*MPI_TOOLS)
-    job = mpirun_job(tmp_path, corpus)
+    job = mpirun_job(tmp_path, corpus, force_multi=False)
     code = job.wait()
     assert_trained(job, code)
     out = job.output()
+    assert "deepy.py: launcher: openmpi starts the ranks (named in the config)" in out
     assert "cmd = mpirun -n 2 -hostfile" in out  # DeepSpeed's runner used mpirun
     assert "deepy.py: deepspeed_mpi: true" in out
     assert "ranks: 2 = pipeline 1 x tensor 1 x data 2" in out

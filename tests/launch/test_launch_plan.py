@@ -117,10 +117,25 @@ def test_deepspeed_mpi_already_set_is_not_overridden(two_nodes):
     assert p.config_overrides == {}
 
 
-def test_one_node_uses_the_local_launcher_unless_forced(one_local):
+def test_a_named_launcher_starts_one_node_of_a_hostfile(one_local):
+    """launcher: openmpi with 'localhost slots=2' goes through mpirun (no ssh: the ranks are
+    local); without a hostfile the local launcher runs and the note says so."""
     p = plan(hostfile=one_local, launcher="openmpi")
-    assert not p.multi_node_exec and p.config_overrides == {} and "DS_ENV_FILE" not in p.env
-    assert any("--force_multi starts it through openmpi" in note for note in p.notes)
+    assert p.multi_node_exec and p.config_overrides == {"deepspeed_mpi": True}
+    assert "--force_multi" in p.argv and "--no_ssh_check" in p.argv
+    assert opt(p.argv, "--master_addr") == "127.0.0.1"
+    assert backend_command(p, {})[:3] == ["mpirun", "-n", "2"]
+    local = plan(launcher="openmpi")
+    assert not local.multi_node_exec and "DS_ENV_FILE" not in local.env
+    assert any("--force_multi starts it through openmpi" in note for note in local.notes)
+
+
+def test_pdsh_on_a_one_node_local_hostfile_skips_ssh(one_local):
+    """DeepSpeed's runner checks ssh to the first host of any hostfile, even when it then runs
+    its local launcher: a local one-node hostfile must not need ssh to this machine."""
+    p = plan(hostfile=one_local)
+    assert not p.multi_node_exec and p.world_size == 2
+    assert "--no_ssh_check" in p.argv and opt(p.argv, "--master_addr") == "127.0.0.1"
 
 
 # --------------------------------------------------------------------------- slurm
