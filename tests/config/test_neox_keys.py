@@ -38,7 +38,6 @@ def test_output_layer_parallelism_is_column_only() -> None:
 
 def test_engine_blocks_reach_deepspeed() -> None:
     blocks = {
-        "autotuning": {"enabled": False, "fast": True},
         "comms_logger": {"enabled": True, "verbose": False},
         "csv_monitor": {"enabled": True, "output_path": "csv/"},
         "activation_checkpointing": {"partition_activations": False},
