@@ -15,6 +15,7 @@ from torch.testing import assert_close
 from megatron.model import build_model, lm_loss
 from megatron.model.moe import set_aux_loss_scale
 from megatron.parallel import ParallelState, RankTopology
+from megatron.parallel.experts import is_expert_parameter, split_expert_param_groups
 from tests.distributed import run_distributed
 from tests.model.gpt_model_helpers import batch, make_config
 
@@ -60,7 +61,9 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = 
                         tracker=None, init_seed=7)
     set_aux_loss_scale(model, 1.0 / MICRO)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        model=model,
+        optimizer=torch.optim.SGD(split_expert_param_groups([{"params": model.parameters()}]),
+                                  lr=0.5),
         config=_ds_config(state.dp_size, zero), mpu=None if pp else state,
     )  # fmt: skip
     first = 0
@@ -86,9 +89,19 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = 
             total += loss.detach() / MICRO
         torch.distributed.all_reduce(total, group=state.dp_group)
         losses.append(float(total) / state.dp_size)
-    experts = {n: p.detach().clone() for n, p in model.named_parameters()
+    experts = {n: _all_experts(p, state) for n, p in model.named_parameters()
                if n.endswith(("w_in", "w_out", "router.weight"))}
     return {"losses": losses, "experts": experts}
+
+
+def _all_experts(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """An expert shard gathered over its expert-parallel group (every expert, in order)."""
+    tensor = param.detach().clone()
+    if not is_expert_parameter(param) or state.ep_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(state.ep_size)]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=state.ep_group)
+    return torch.cat(parts)
 
 
 def _compare_runs(rank: int, world: int, layouts: list[tuple],
