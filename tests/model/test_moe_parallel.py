@@ -51,13 +51,15 @@ def _micro(step: int, dp_rank: int, micro: int) -> tuple[tuple, tuple]:
 
 
 def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = None,
-           load: str | None = None) -> dict[str, Any]:
+           load: str | None = None, split_experts: bool = False) -> dict[str, Any]:
     """``STEPS`` steps of one layout; ``save`` writes a checkpoint after the first step,
-    ``load`` starts from that checkpoint (and runs the remaining steps)."""
+    ``load`` starts from that checkpoint (and runs the remaining steps); ``split_experts``
+    splits the experts over tensor parallelism (``enable_expert_tensor_parallelism``)."""
     import deepspeed
 
     cfg = make_config(world_size=world, model_parallel_size=tp, pipe_parallel_size=pp,
-                      expert_model_parallel_size=ep, **MOE)
+                      expert_model_parallel_size=ep,
+                      enable_expert_tensor_parallelism=split_experts, **MOE)
     state = ParallelState.initialize(RankTopology(world, tp, max(pp, 1)), expert_parallel=ep)
     model = build_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
                         padded_vocab_size=cfg.tokenizer.padded_vocab_size, state=state,
@@ -101,7 +103,8 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = 
         losses.append(float(total) / state.dp_size)
     experts = {n: _all_experts(p, state) for n, p in model.named_parameters()
                if n.endswith(("w_in", "w_out", "router.weight"))}
-    return {"losses": losses, "experts": experts}
+    expert_numel = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    return {"losses": losses, "experts": experts, "expert_numel": expert_numel}
 
 
 def _all_experts(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
@@ -150,6 +153,8 @@ def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> list:
 def test_expert_parallel_matches_without_under_zero_0_1_2(two_rank_runs: list) -> None:
     out = two_rank_runs
     _check_equal([o[:4] for o in out], 0, [1, 2, 3])
+    for rank_out in out:  # each EP=2 rank stores half of the experts
+        assert rank_out[1]["expert_numel"] * 2 == rank_out[0]["expert_numel"] > 0
     for rank_out in out:  # a checkpoint written at EP=1 resumes exactly at EP=2
         saved, resumed = rank_out[0], rank_out[4]
         assert_close(torch.tensor(resumed["losses"]), torch.tensor(saved["losses"][1:]),
@@ -172,8 +177,10 @@ def test_expert_parallel_checkpoint_resumes_at_other_expert_parallel_sizes(
 
 @pytest.mark.distributed
 def test_expert_parallel_with_tensor_and_pipeline_parallel(two_rank_runs: list) -> None:
-    # 4 ranks: TP=2 x DP=2 and PP=2 x DP=2, each with EP=2 against EP=1
-    layouts = [(2, 0, 1, 0), (2, 0, 2, 0), (1, 2, 1, 0), (1, 2, 2, 0)]
+    # 4 ranks: TP=2 x DP=2 and PP=2 x DP=2, each with EP=2 against EP=1; at TP=2 the EP=1
+    # reference keeps every expert whole on each tensor-parallel rank (the default), the EP=2
+    # run splits them over tensor parallelism (enable_expert_tensor_parallelism)
+    layouts = [(2, 0, 1, 0), (2, 0, 2, 0, None, None, True), (1, 2, 1, 0), (1, 2, 2, 0)]
     out = run_distributed(_compare_runs, 4, layouts, timeout=400)
     _check_equal([o[:2] for o in out], 0, [1])
     pipeline = [o[2:] for o in out]
