@@ -14,11 +14,13 @@ import torch
 from torch.testing import assert_close
 
 from megatron.checkpoint.relayout import Layout, RunLayout, model_shape
+from megatron.checkpoint.reshard import merge_tp_shards
 from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
 from megatron.model import build_model, lm_loss
 from megatron.model.moe import set_aux_loss_scale
 from megatron.parallel import ParallelState, RankTopology
 from megatron.parallel.experts import is_expert_parameter, split_expert_param_groups
+from megatron.parallel.layers import is_tensor_parallel
 from tests.distributed import run_distributed
 from tests.model.gpt_model_helpers import batch, make_config
 
@@ -101,15 +103,21 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = 
             total += loss.detach() / MICRO
         torch.distributed.all_reduce(total, group=state.dp_group)
         losses.append(float(total) / state.dp_size)
-    experts = {n: _all_experts(p, state) for n, p in model.named_parameters()
+    experts = {n: _all_experts(n, p, state, cfg.model) for n, p in model.named_parameters()
                if n.endswith(("w_in", "w_out", "router.weight"))}
     expert_numel = sum(p.numel() for p in model.parameters() if p.dim() == 3)
     return {"losses": losses, "experts": experts, "expert_numel": expert_numel}
 
 
-def _all_experts(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    """An expert shard gathered over its expert-parallel group (every expert, in order)."""
+def _all_experts(name: str, param: torch.Tensor, state: ParallelState,
+                 model: Any) -> torch.Tensor:
+    """An expert shard gathered over its tensor-parallel group when split over it, and over
+    its expert-parallel group (every expert, in order)."""
     tensor = param.detach().clone()
+    if is_tensor_parallel(param):
+        parts = [torch.empty_like(tensor) for _ in range(state.tp_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=state.tp_group)
+        tensor = merge_tp_shards([{name: part} for part in parts], model)[name]
     if not is_expert_parameter(param) or state.ep_size == 1:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(state.ep_size)]
