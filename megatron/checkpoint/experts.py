@@ -21,6 +21,7 @@ expert-parallel size (1 included) as at any other layout.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,19 @@ def read_expert_shards(tag_dir: Path, recs: list[dict[str, Any]], load: Any,
     full = {key: {name: torch.cat(pieces) for name, pieces in by_name.items()}
             for key, by_name in parts.items()}
     return full.pop("weight", {}), full
+
+
+def expert_weights(tag_dir: Path, tp_rank: int, load: Any) -> dict[str, torch.Tensor]:
+    """Every expert's weights of tensor-parallel rank ``tp_rank`` (all pipeline stages) in
+    ``GPTModel`` names, from the expert files of a checkpoint; empty when it has none."""
+    if not (tag_dir / EXPERT_DIR).is_dir():
+        return {}
+    recs = [json.loads(p.read_text()) for p in sorted((tag_dir / "layout").glob("*.json"))]
+    out: dict[str, torch.Tensor] = {}
+    for pp_rank in sorted({int(r["pp_rank"]) for r in recs}):
+        mine = [r for r in recs if r["tp_rank"] == tp_rank and r["pp_rank"] == pp_rank]
+        out.update(read_expert_shards(tag_dir, mine, load)[0])
+    return out
 
 
 def local_experts(full: torch.Tensor, ep: int, ep_rank: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch.testing import assert_close
 from megatron.checkpoint.relayout import Layout, RunLayout, model_shape
 from megatron.checkpoint.reshard import merge_tp_shards
 from megatron.checkpoint.resume import LoadOptions, SaveOptions, load_checkpoint, save_checkpoint
+from megatron.checkpoint.weights import read_model_state_dict
 from megatron.model import build_model, lm_loss
 from megatron.model.moe import set_aux_loss_scale
 from megatron.parallel import ParallelState, RankTopology
@@ -154,7 +155,9 @@ def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> list:
     ep1, ep2 = (str(tmp_path_factory.mktemp(name)) for name in ("ep1", "ep2"))
     runs = [(1, 0, 1, 0, ep1), (1, 0, 2, 0), (1, 0, 2, 1, ep2), (1, 0, 2, 2),
             (1, 0, 2, 1, None, ep1), (1, 0, 1, 1, None, ep2), (1, 0, 2, 1, None, ep2)]
-    return run_distributed(_compare_runs, 2, runs, timeout=400)
+    out = run_distributed(_compare_runs, 2, runs, timeout=400)
+    out[0].extend([ep1, ep2])  # where the checkpoints are: the last entries of rank 0's list
+    return out
 
 
 @pytest.mark.distributed
@@ -202,3 +205,17 @@ def test_expert_parallel_with_tensor_and_pipeline_parallel(two_rank_runs: list) 
     for rank_out in pipeline:
         for run in rank_out:
             assert_close(torch.tensor(run["losses"]), torch.tensor(plain), rtol=1e-5, atol=0)
+
+
+@pytest.mark.distributed
+def test_expert_parallel_checkpoint_reads_as_full_weights(two_rank_runs: list) -> None:
+    """The weights reader (generate, eval, conversion) sees every expert of an EP=2
+    checkpoint: the same model as the EP=1 checkpoint of the same step."""
+    ep1, ep2 = two_rank_runs[0][-2:]
+    model = make_config(world_size=2, **MOE).model
+    want, _ = read_model_state_dict(ep1, model)
+    got, _ = read_model_state_dict(ep2, model)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name].shape == value.shape, name
+        assert_close(got[name].float(), value.float(), rtol=1e-5, atol=1e-6, msg=name)
