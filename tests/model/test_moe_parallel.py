@@ -22,6 +22,7 @@ from megatron.model.moe import set_aux_loss_scale
 from megatron.parallel import ParallelState, RankTopology
 from megatron.parallel.experts import is_expert_parameter, split_expert_param_groups
 from megatron.parallel.layers import is_tensor_parallel
+from megatron.training.grad_norm import global_grad_norm
 from tests.distributed import run_distributed
 from tests.model.gpt_model_helpers import batch, make_config
 
@@ -84,7 +85,8 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = 
                                  log=lambda line: None)
         assert loaded is not None and loaded.iteration == 1
         first = 1
-    losses = []
+    losses: list[float] = []
+    norms: list[float | None] = []  # the trainer's global gradient norm (ZeRO 0)
     for step in range(first, STEPS):
         if save is not None and step == 1:
             save_checkpoint(engine, SaveOptions(save, layout=run), iteration=1,
@@ -100,6 +102,8 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = 
             (tokens, positions, mask), (labels, loss_mask) = _micro(step, state.dp_rank, m)
             loss = lm_loss(engine(tokens, positions, mask), labels, loss_mask, state)
             engine.backward(loss)
+            if zero == 0 and m == MICRO - 1:  # the reduced gradients, before the update
+                norms.append(global_grad_norm(model.parameters(), state))
             engine.step()
             total += loss.detach() / MICRO
         torch.distributed.all_reduce(total, group=state.dp_group)
@@ -107,7 +111,8 @@ def _train(world: int, tp: int, pp: int, ep: int, zero: int, save: str | None = 
     experts = {n: _all_experts(n, p, state, cfg.model) for n, p in model.named_parameters()
                if n.endswith(("w_in", "w_out", "router.weight"))}
     expert_numel = sum(p.numel() for p in model.parameters() if p.dim() == 3)
-    return {"losses": losses, "experts": experts, "expert_numel": expert_numel}
+    return {"losses": losses, "experts": experts, "expert_numel": expert_numel,
+            "norms": norms}
 
 
 def _all_experts(name: str, param: torch.Tensor, state: ParallelState,
@@ -166,6 +171,9 @@ def test_expert_parallel_matches_without_under_zero_0_1_2(two_rank_runs: list) -
     _check_equal([o[:4] for o in out], 0, [1, 2, 3])
     for rank_out in out:  # each EP=2 rank stores half of the experts
         assert rank_out[1]["expert_numel"] * 2 == rank_out[0]["expert_numel"] > 0
+        # the global gradient norm (logged, clipped by) counts every expert once
+        assert_close(torch.tensor(rank_out[1]["norms"]), torch.tensor(rank_out[0]["norms"]),
+                     rtol=1e-5, atol=0)
     for rank_out in out:  # a checkpoint written at EP=1 resumes exactly at EP=2
         saved, resumed = rank_out[0], rank_out[4]
         assert_close(torch.tensor(resumed["losses"]), torch.tensor(saved["losses"][1:]),
