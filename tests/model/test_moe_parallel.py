@@ -198,11 +198,15 @@ def test_expert_parallel_checkpoint_resumes_at_other_expert_parallel_sizes(
 def test_expert_parallel_with_tensor_and_pipeline_parallel(two_rank_runs: list) -> None:
     # 4 ranks: TP=2 x DP=2 and PP=2 x DP=2, each with EP=2 against EP=1; at TP=2 the EP=1
     # reference keeps every expert whole on each tensor-parallel rank (the default), the EP=2
-    # run splits them over tensor parallelism (enable_expert_tensor_parallelism)
-    layouts = [(2, 0, 1, 0), (2, 0, 2, 0, None, None, True), (1, 2, 1, 0), (1, 2, 2, 0)]
+    # run splits them over tensor parallelism (enable_expert_tensor_parallelism). Then DP=4
+    # with EP=2 under ZeRO 0 and 1: two replicas of every expert shard, whose gradients are
+    # reduced over the expert-data-parallel group (and partitioned over it by ZeRO 1)
+    layouts = [(2, 0, 1, 0), (2, 0, 2, 0, None, None, True), (1, 2, 1, 0), (1, 2, 2, 0),
+               (1, 0, 1, 0), (1, 0, 2, 0), (1, 0, 2, 1)]
     out = run_distributed(_compare_runs, 4, layouts, timeout=400)
     _check_equal([o[:2] for o in out], 0, [1])
-    pipeline = [o[2:] for o in out]
+    _check_equal([o[4:] for o in out], 0, [1, 2])
+    pipeline = [o[2:4] for o in out]
     for rank_out in pipeline:
         assert rank_out[0]["losses"][-1] < rank_out[0]["losses"][0]
         assert_close(torch.tensor(rank_out[1]["losses"]), torch.tensor(rank_out[0]["losses"]),
