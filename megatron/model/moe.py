@@ -21,9 +21,9 @@ Expert weights follow the dense MLP's layout: ``w_in [E_local, ffn (x2 when gate
 tensor-parallel group like the dense MLP (``ffn / tp``, ``w_in`` with stride 2) and the partial
 outputs are summed over that group; by default (GPT-NeoX's too) every tensor-parallel rank
 holds its experts whole and computes them on all of its tokens, with no tensor-parallel
-communication. Every expert's weight is drawn in expert order from the same RNG and each rank keeps its
-own, so neither the tensor- nor the expert-parallel size changes the initial model. Experts
-have no biases.
+communication. Every expert's weight is drawn in expert order from the same RNG and each rank
+keeps its own, so neither the tensor- nor the expert-parallel size changes the initial model.
+Experts have no biases.
 
 Under expert parallelism each rank creates and stores only its ``E_local = E / ep`` experts
 (experts ``ep_rank * E_local`` onwards). Their gradients are reduced over the
