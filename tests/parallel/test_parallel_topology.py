@@ -123,7 +123,8 @@ def test_invalid_shapes_raise_clear_errors() -> None:
         topo.rank(0, 2, 0)
 
 
-@pytest.mark.parametrize("world,tp,pp,ep", [(8, 1, 1, 2), (8, 2, 1, 2), (16, 2, 2, 2), (8, 1, 1, 4)])
+@pytest.mark.parametrize("world,tp,pp,ep",
+                         [(8, 1, 1, 2), (8, 2, 1, 2), (16, 2, 2, 2), (8, 1, 1, 4)])
 def test_expert_groups_tile_each_data_parallel_group(world: int, tp: int, pp: int,
                                                      ep: int) -> None:
     topo = RankTopology(world, tp, pp)
