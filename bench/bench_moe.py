@@ -5,12 +5,14 @@ Runs on 2 gloo CPU ranks (data parallel 2) through DeepSpeed's engine (ZeRO 0, f
 * ``dense``: the MLP of width ``4 x hidden``;
 * ``moe-ep1``: ``--experts`` experts of width ``4 x hidden / top_k``, ``--top-k`` per token
   (the same active MLP parameters per token), every rank computing every expert;
-* ``moe-ep2``: the same MoE with expert parallelism 2 (each rank computes half the experts,
-  tokens exchanged with ``all_to_all_single``).
+* ``moe-ep2``: the same MoE with expert parallelism 2 (each rank stores and computes half the
+  experts, tokens exchanged with ``all_to_all_single``, expert gradients reduced over the
+  expert-data-parallel group).
 
 For each case: the median step time (forward, backward and update of ``--micro`` micro
 batches), tokens per second per rank, and for the MoE cases the share of the step spent inside
-``all_to_all_single`` (timed by wrapping the call in this process). Results go to
+``all_to_all_single`` (timed by wrapping the call in this process) and the expert parameters
+stored per rank. Results go to
 ``bench/results/moe.json``.
 
     python bench/bench_moe.py [--steps 6] [--hidden 128] [--layers 4] [--seq 128]
@@ -77,6 +79,7 @@ def _case(args: argparse.Namespace, case: str, timer: _AllToAllTimer) -> dict[st
     from megatron.model.moe import set_aux_loss_scale
     from megatron.model_size import active_parameter_count, parameter_count
     from megatron.parallel import ParallelState, RankTopology
+    from megatron.parallel.experts import split_expert_param_groups
 
     cfg = _config(args, case)
     ep = 2 if case == "moe-ep2" else 1
@@ -88,8 +91,9 @@ def _case(args: argparse.Namespace, case: str, timer: _AllToAllTimer) -> dict[st
           "train_micro_batch_size_per_gpu": args.batch,
           "gradient_accumulation_steps": args.micro, "steps_per_print": 10**9,
           "wall_clock_breakdown": False}
+    groups = split_expert_param_groups([{"params": model.parameters()}])
     engine, *_ = deepspeed.initialize(model=model, config=ds, mpu=state,
-                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+                                      optimizer=torch.optim.AdamW(groups, lr=1e-3))
     g = torch.Generator().manual_seed(state.rank)
     batches = [torch.randint(0, 256, (args.batch, args.seq + 1), generator=g)
                for _ in range(args.micro)]
@@ -116,6 +120,8 @@ def _case(args: argparse.Namespace, case: str, timer: _AllToAllTimer) -> dict[st
         "all_to_all_share": statistics.median(shares) if case != "dense" else 0.0,
         "parameters": parameter_count(cfg.model, 256),
         "active_parameters": active_parameter_count(cfg.model, 256),
+        "expert_parameters_per_rank": sum(p.numel() for n, p in model.named_parameters()
+                                          if n.endswith(("mlp.w_in", "mlp.w_out"))),
     }
 
 
@@ -161,11 +167,12 @@ def main() -> None:
               "load_average": list(os.getloadavg())}
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'case':10} {'step s':>8} {'vs dense':>9} {'tokens/s/rank':>14} {'a2a share':>10} "
-          f"{'params':>10} {'active':>10}")
+          f"{'params':>10} {'active':>10} {'experts/rank':>13}")
     for c in cases:
         print(f"{c['case']:10} {c['step_time_s']:8.3f} {c['vs_dense']:9.2f} "
               f"{c['tokens_per_s_per_rank']:14.0f} {100 * c['all_to_all_share']:9.1f}% "
-              f"{c['parameters']:10,} {c['active_parameters']:10,}")
+              f"{c['parameters']:10,} {c['active_parameters']:10,} "
+              f"{c['expert_parameters_per_rank']:13,}")
     print(f"saved {args.output}")
 
 

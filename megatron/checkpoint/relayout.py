@@ -37,12 +37,14 @@ from typing import Any
 
 import torch
 
+from megatron.checkpoint.experts import expert_parameters, local_experts, read_expert_shards
 from megatron.checkpoint.manifest import CheckpointError, atomic_write
 from megatron.checkpoint.reshard import REPLICATED, merge_tp_shards, split_rules
 from megatron.checkpoint.safe_load import load_file
 from megatron.checkpoint.weights import CheckpointInfo, read_shard
 from megatron.model.args import ModelArgs
 from megatron.model.pipeline import pipeline_key_to_model_key
+from megatron.parallel.experts import is_expert_parameter
 from megatron.parallel.layers import split_tensor
 
 LAYOUT_FILE = "layout.json"
@@ -68,10 +70,12 @@ class Layout:
     pp: int
     dp: int
     zero_stage: int
+    ep: int = 1  # expert-parallel size
 
     def describe(self) -> str:
         pp = "none" if self.pp == 0 else str(self.pp)
-        return f"TP={self.tp} PP={pp} DP={self.dp} ZeRO-{self.zero_stage}"
+        ep = f" EP={self.ep}" if self.ep > 1 else ""
+        return f"TP={self.tp} PP={pp} DP={self.dp}{ep} ZeRO-{self.zero_stage}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class RunLayout:
     pp_rank: int = 0
     dp_rank: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    ep_rank: int = 0
 
 
 def model_shape(model: ModelArgs, padded_vocab_size: int | None) -> dict[str, Any]:
@@ -101,10 +106,11 @@ def run_layout(cfg: Any, state: Any) -> RunLayout:
     """The :class:`RunLayout` of a training run from its config and parallel state."""
     zero = int((cfg.ds.zero_optimization or {}).get("stage", 0))
     pp = cfg.parallelism.pipe_parallel_size if cfg.parallelism.is_pipe_parallel else 0
-    layout = Layout(tp=state.tp_size, pp=pp, dp=state.dp_size, zero_stage=zero)
+    layout = Layout(tp=state.tp_size, pp=pp, dp=state.dp_size, zero_stage=zero,
+                    ep=state.ep_size)
     return RunLayout(layout, cfg.model, model_shape(cfg.model, cfg.tokenizer.padded_vocab_size),
                      rank=state.rank, tp_rank=state.tp_rank, pp_rank=state.pp_rank,
-                     dp_rank=state.dp_rank)
+                     dp_rank=state.dp_rank, ep_rank=state.ep_rank)
 
 
 # ----------------------------------------------------------------------------- recording
@@ -130,6 +136,7 @@ def write_layout(tag_dir: Path, engine: Any, run: RunLayout) -> None:
         "dp_rank": run.dp_rank,
         "model_file": os.path.basename(engine._get_ckpt_name(save_dir, tag)),
         "optim_file": optim_file, "names": names, "optimizer_order": order,
+        "ep_rank": run.ep_rank, "expert_names": [n for n, _ in expert_parameters(engine)],
     }
     rank_dir = tag_dir / RANK_DIR
     rank_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +161,8 @@ def read_layout(tag_dir: Path) -> SavedLayout | None:
         return None
     try:
         info = json.loads(path.read_text())
-        layout = Layout(*(int(info[k]) for k in ("tp", "pp", "dp", "zero_stage")))
+        layout = Layout(*(int(info[k]) for k in ("tp", "pp", "dp", "zero_stage")),
+                        ep=int(info.get("ep", 1)))
         shape = dict(info["model"])
         ranks = [json.loads(p.read_text()) for p in sorted((tag_dir / RANK_DIR).glob("*.json"))]
     except (ValueError, KeyError, TypeError) as exc:
@@ -259,9 +267,10 @@ class _Slot:
 def _read_modules(tag_dir: Path, rec: dict[str, Any], slot: _Slot) -> None:
     """The model weights of a plain-layout model file (pipeline files hold none)."""
     module = _load(tag_dir / rec["model_file"]).get("module")
+    skip = set(rec.get("expert_names", ()))  # read from the expert files
     if isinstance(module, dict):
         for name, tensor in module.items():
-            if name in rec["names"]:
+            if name in rec["names"] and name not in skip:
                 slot.weights.setdefault(rec["names"][name], tensor)
 
 
@@ -275,9 +284,10 @@ def _read_zero0(tag_dir: Path, rec: dict[str, Any], slot: _Slot) -> None:
     if len(indices) != len(order):
         raise CheckpointError(f"{tag_dir / rec['model_file']}: optimizer state of "
                               f"{len(indices)} parameters, the layout records {len(order)}")
+    skip = set(rec.get("expert_names", ()))
     for index, ds_name in zip(indices, order, strict=True):
         entry = opt["state"].get(index)
-        if entry:
+        if entry and ds_name not in skip:
             tensors, scalars = _split_state(entry)
             _add_moments(slot.moments, rec["names"][ds_name], tensors)
             for k, v in scalars.items():
@@ -296,11 +306,14 @@ def _read_zero12(tag_dir: Path, recs: list[dict[str, Any]], slot: _Slot) -> None
         fp32 = osd["single_partition_of_fp32_groups"]
         base = osd["base_optimizer_state"]
         base_state = base.get("state", base) if isinstance(base, dict) else {}
+        skip = set(rec.get("expert_names", ()))
         for gi, mapping in enumerate(osd["param_slice_mappings"]):
             tensors, scalars = _split_state(base_state.get(gi, {}))
             for k, v in scalars.items():
                 slot.scalars.setdefault(k, v)
             for ds_name, addr in mapping.items():
+                if ds_name in skip:
+                    continue
                 mine = pieces.setdefault(ds_name, {})
                 mine.setdefault("fp32", []).append(fp32[gi].narrow(0, addr.start, addr.numel))
                 for key, flat in tensors.items():
@@ -360,6 +373,11 @@ def read_full_state(tag_dir: Path, saved: SavedLayout, model: ModelArgs, *,
             if old.zero_stage == 3:
                 _read_zero3(tag_dir, recs, slot, with_optim)
                 continue
+            weights, moments = read_expert_shards(tag_dir, recs, _load)
+            slot.weights.update(weights)
+            if with_optim:
+                for key, by_name in moments.items():
+                    slot.moments.setdefault(key, {}).update(by_name)
             _read_modules(tag_dir, recs[0], slot)
             if with_optim and old.zero_stage == 0:
                 _read_zero0(tag_dir, recs[0], slot)
@@ -479,7 +497,9 @@ def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path
                                   "(config/architecture mismatch)")
         seen.add(name)
         shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
-        local = _local(full.weights[name], name, rules, run, shape, tag_dir)
+        ep = run.layout.ep if is_expert_parameter(param) else 1  # its experts, then its TP part
+        local = _local(local_experts(full.weights[name], ep, run.ep_rank), name, rules, run,
+                       shape, tag_dir)
         with torch.no_grad():
             if zero == 3:
                 _set_zero3_weight(param, local)
@@ -490,7 +510,8 @@ def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path
                 safe_set_full_fp32_param(param, local.float())
         if not with_optim:
             continue
-        moments = {k: _local(v[name], name, rules, run, shape, tag_dir)
+        moments = {k: _local(local_experts(v[name], ep, run.ep_rank), name, rules, run, shape,
+                             tag_dir)
                    for k, v in full.moments.items() if name in v}
         if zero == 3:
             for key, value in moments.items():
@@ -514,7 +535,7 @@ def load_at_new_layout(engine: Any, tag_dir: Path, saved: SavedLayout, run: RunL
                        load_optimizer: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Load ``tag_dir`` (written at ``saved``'s layout) into ``engine`` (``run``'s layout);
     returns the client state."""
-    if run.rank == 0:
+    if run.rank == 0 and saved.layout != run.layout:
         log(f"{tag_dir} was written at {saved.layout.describe()}; resuming at "
             f"{run.layout.describe()}: resharding the model"
             f"{' and optimizer' if load_optimizer else ''} state")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from megatron import accelerator
+from megatron.checkpoint.experts import expert_file, expert_state, writes_expert_file
 from megatron.checkpoint.manifest import (
     LATEST,
     MANIFEST,
@@ -181,12 +182,19 @@ def save_checkpoint(
                             save_optimizer=options.save_optimizer)
     inner = engine.checkpoint_engine
     engine.checkpoint_engine = capture
+    # expert shards go to their own files (below), DeepSpeed writes its ordinary layout
+    has_moe = getattr(engine, "has_moe_layers", False)
+    engine.has_moe_layers = False
     try:
         engine.save_checkpoint(str(save_dir), tag=tag_dir.name, client_state=client_state,
                                save_latest=False)
     finally:
         engine.checkpoint_engine = inner
+        engine.has_moe_layers = has_moe
     extra: list[tuple[Path, Any]] = []
+    experts = expert_state(engine)  # collective under ZeRO 1/2: every rank
+    if experts is not None and writes_expert_file(engine):
+        extra.append((tag_dir / expert_file(rank), experts))
     if options.save_rng:
         extra.append((tag_dir / "rng" / f"rank_{rank:05d}.pt", host_copy(rng_state(tracker))))
     if options.layout is not None:
@@ -327,7 +335,8 @@ def load_checkpoint(
     saved, run = read_layout(tag_dir), options.layout
     if saved is not None and run is not None:
         check_model_shape(tag_dir, saved, run.shape)
-    if saved is not None and run is not None and saved.layout != run.layout:
+    if saved is not None and run is not None and (
+            saved.layout != run.layout or saved.layout.ep > 1):  # expert shards: relayout
         client_state = load_at_new_layout(engine, tag_dir, saved, run,
                                           load_optimizer=load_optimizer, log=log)
         rng_rank = rng_source_rank(saved, run)

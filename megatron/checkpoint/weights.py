@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from megatron.checkpoint.experts import expert_weights
 from megatron.checkpoint.manifest import (
     LATEST,
     MANIFEST,
@@ -128,6 +129,11 @@ def read_shard(info: CheckpointInfo, tp_rank: int, model: ModelArgs) -> StateDic
     """Tensor-parallel rank ``tp_rank``'s weights in ``GPTModel`` names."""
     if not 0 <= tp_rank < info.tp_size:
         raise ValueError(f"tp_rank {tp_rank} outside 0..{info.tp_size - 1}")
+    experts = expert_weights(info.tag_dir, tp_rank, _load)  # expert shards of every rank
+    return {**_read_engine_shard(info, tp_rank, model), **experts}
+
+
+def _read_engine_shard(info: CheckpointInfo, tp_rank: int, model: ModelArgs) -> StateDict:
     if info.layout == "plain":
         path = info.tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt"
         state = _load(path)

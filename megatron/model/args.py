@@ -257,8 +257,8 @@ class ModelArgs:
         False, "Run the experts' matmuls through torch._grouped_mm where the device supports "
         "it (same numbers as the default per-expert loop).", origin="Meg")
     enable_expert_tensor_parallelism: bool = key(
-        False, "GPT-NeoX switch; experts are always split over the tensor-parallel group like "
-        "the dense MLP.")
+        False, "Split every expert over the tensor-parallel group like the dense MLP; by default "
+        "each tensor-parallel rank holds its experts whole.")
 
 
 def attention_layer_types(attention_config: Any, num_layers: int) -> list[str]:

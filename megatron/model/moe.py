@@ -15,20 +15,21 @@ One forward pass over this rank's tokens ``x [s, b, h]`` (``T = s * b`` tokens):
    ``torch._grouped_mm`` with ``moe_grouped_gemm`` where the device has it);
 5. the outputs, weighted by the router, are summed back into each token's row.
 
-Expert weights follow the dense MLP's layout: ``w_in [E, ffn (x2 when gated) / tp, h]``
-(``[gate; up]`` halves for gated activations, split over tensor-parallel ranks with stride 2)
-and ``w_out [E, h, ffn / tp]``; the partial outputs are summed over the tensor-parallel group.
-Every expert's weight is drawn in expert order from the same RNG, so neither the tensor- nor
-the expert-parallel size changes the initial model. Experts have no biases.
+Expert weights follow the dense MLP's layout: ``w_in [E_local, ffn (x2 when gated), h]``
+(``[gate; up]`` halves for gated activations) and ``w_out [E_local, h, ffn]``. With
+``enable_expert_tensor_parallelism`` (GPT-NeoX's switch) they are split over the
+tensor-parallel group like the dense MLP (``ffn / tp``, ``w_in`` with stride 2) and the partial
+outputs are summed over that group; by default (GPT-NeoX's too) every tensor-parallel rank
+holds its experts whole and computes them on all of its tokens, with no tensor-parallel
+communication. Every expert's weight is drawn in expert order from the same RNG and each rank
+keeps its own, so neither the tensor- nor the expert-parallel size changes the initial model.
+Experts have no biases.
 
-Under expert parallelism every rank keeps the weights of all ``E`` experts but computes with
-its own ``E / ep`` only; the other experts get a zero gradient on this rank. The ordinary
-data-parallel gradient average (DeepSpeed's all-reduce, or ZeRO's reduce-scatter) then gives
-every expert exactly the gradient of the data-parallel mean loss (the sum of the gradients of
-the ranks that computed it, divided by the data-parallel size), every replica applies the same
-update, and checkpoints hold every expert whatever the expert-parallel size. The experts'
-compute and the token exchange are split; their parameter memory is not (ZeRO 1/2 partitions
-their optimizer state and gradients over the data-parallel ranks as for any parameter).
+Under expert parallelism each rank creates and stores only its ``E_local = E / ep`` experts
+(experts ``ep_rank * E_local`` onwards). Their gradients are reduced over the
+expert-data-parallel group, the data-parallel ranks holding the same experts, through
+DeepSpeed's MoE support (:mod:`megatron.parallel.experts`); ZeRO 1/2 partition their optimizer
+state over that group. Without expert parallelism nothing differs from a dense parameter.
 
 The router's auxiliary losses enter the training loss through the gradient only
 (:class:`_AttachAuxLoss`): the block's output is unchanged, and backward adds
@@ -52,7 +53,12 @@ from megatron.model.activations import activation_function, is_gated
 from megatron.model.args import ModelArgs, moe_expert_width
 from megatron.model.init_methods import InitFn
 from megatron.model.router import Router
-from megatron.parallel.experts import ExpertExchange
+from megatron.parallel.experts import (
+    ExpertExchange,
+    deepspeed_expert_marker,
+    mark_expert_parameters,
+    register_expert_groups,
+)
 from megatron.parallel.layers import master_weight, set_tensor_parallel_attributes, split_tensor
 from megatron.parallel.mappings import (
     copy_to_tp_region,
@@ -159,9 +165,14 @@ class MoEMLP(nn.Module):
             raise ValueError(f"moe_num_experts {experts} is not divisible by "
                              f"expert_model_parallel_size {ep}")
         ffn = moe_expert_width(model)
-        if ffn % state.tp_size:
+        # GPT-NeoX's enable_expert_tensor_parallelism: experts split over the tensor-parallel
+        # group like the dense MLP, or (the default) whole on every tensor-parallel rank
+        self.split_experts = model.enable_expert_tensor_parallelism and state.tp_size > 1
+        tp_size = state.tp_size if self.split_experts else 1
+        tp_rank = state.tp_rank if self.split_experts else 0
+        if ffn % tp_size:
             raise ValueError(f"MoE expert width {ffn} is not divisible by tensor parallel "
-                             f"{state.tp_size}")
+                             f"{tp_size}")
         self.state = state
         self.sequence_parallel = sequence_parallel
         self.num_experts = experts
@@ -181,16 +192,26 @@ class MoEMLP(nn.Module):
         self.router = Router(model, init_method=init_method)
         stride = 2 if self.gated else 1
         w_in, w_out = [], []
-        for _ in range(experts):  # in expert order: the same weights for any ep / tp
+        local = range(self.first_expert, self.first_expert + self.local_experts)
+        for e in range(experts):  # in expert order: the same weights for any ep / tp
             up = master_weight((ffn * stride, hidden), init_method)
             down = master_weight((hidden, ffn), output_init_method)
-            w_in.append(split_tensor(up, 0, state.tp_size, state.tp_rank, stride))
-            w_out.append(split_tensor(down, 1, state.tp_size, state.tp_rank))
+            if e in local:
+                w_in.append(split_tensor(up, 0, tp_size, tp_rank, stride))
+                w_out.append(split_tensor(down, 1, tp_size, tp_rank))
         self.w_in = nn.Parameter(torch.stack(w_in))
         self.w_out = nn.Parameter(torch.stack(w_out))
-        set_tensor_parallel_attributes(self.w_in, state.tp_size > 1, 1, stride)
-        set_tensor_parallel_attributes(self.w_out, state.tp_size > 1, 2)
+        if model.enable_expert_tensor_parallelism:
+            set_tensor_parallel_attributes(self.w_in, self.split_experts, 1, stride)
+            set_tensor_parallel_attributes(self.w_out, self.split_experts, 2)
+        else:
+            set_tensor_parallel_attributes(self.w_in, False)
+            set_tensor_parallel_attributes(self.w_out, False)
         self.exchange = ExpertExchange(state, self.local_experts)
+        if ep > 1:  # expert shards: reduced over the expert-data-parallel group
+            group_name = register_expert_groups(state)
+            mark_expert_parameters([self.w_in, self.w_out], group_name)
+            self.deepspeed_moe_marker = deepspeed_expert_marker(experts, ep, group_name)
 
     # ------------------------------------------------------------------ helpers
     def capacity(self, tokens: int) -> int:
@@ -198,16 +219,17 @@ class MoEMLP(nn.Module):
         return max(self.min_capacity, math.ceil(factor * tokens * self.top_k / self.num_experts))
 
     def experts_forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows grouped by local expert -> expert outputs (partial over tensor parallel)."""
-        x = copy_to_tp_region(x, self.state.tp_group)
-        local = slice(self.first_expert, self.first_expert + self.local_experts)
-        h = grouped_mm(x, self.w_in[local].to(x.dtype), counts, fused=self.fused)
+        """Rows grouped by local expert -> expert outputs (partial over tensor parallel when
+        the experts are split over it)."""
+        if self.split_experts:
+            x = copy_to_tp_region(x, self.state.tp_group)
+        h = grouped_mm(x, self.w_in.to(x.dtype), counts, fused=self.fused)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return grouped_mm(h, self.w_out[local].to(x.dtype), counts, fused=self.fused)
+        return grouped_mm(h, self.w_out.to(x.dtype), counts, fused=self.fused)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -239,7 +261,8 @@ class MoEMLP(nn.Module):
         expert_in = tokens[token_of]
         received, plan = self.exchange.dispatch(expert_in, counts)
         expert_out = self.experts_forward(received, plan.local_counts)
-        expert_out = reduce_from_tp_region(expert_out, tp_group)
+        if self.split_experts:
+            expert_out = reduce_from_tp_region(expert_out, tp_group)
         expert_out = self.exchange.combine(expert_out, plan)
 
         weighted = expert_out * weights.unsqueeze(-1).to(expert_out.dtype)

@@ -255,7 +255,7 @@ def _moe(cfg: NeoXConfig, loc: Locator) -> None:
         if getattr(m, name) < 0:
             raise loc.error(name, message=f"must not be negative, got {getattr(m, name)}")
     expert = moe_expert_width(m)
-    if expert % p.model_parallel_size:
+    if m.enable_expert_tensor_parallelism and expert % p.model_parallel_size:
         raise loc.error("intermediate_size", "model_parallel_size", message=(
             f"the expert width {expert} is not divisible by model_parallel_size "
             f"{p.model_parallel_size}"))

@@ -45,7 +45,10 @@ class ParallelState:
 
     Expert parallelism (``ep_size`` > 1) cuts every data-parallel group into blocks of
     ``ep_size`` consecutive ranks (``ep_group``: they split each MoE layer's experts and
-    exchange tokens all-to-all); without it ``ep_group`` is None.
+    exchange tokens all-to-all); without it ``ep_group`` is None. ``edp_group`` holds the
+    data-parallel ranks with the same expert-parallel rank (the replicas of this rank's
+    experts, over which their gradients are reduced); it is the data-parallel group when
+    ``ep_size`` is 1.
     """
 
     topology: RankTopology
@@ -71,6 +74,8 @@ class ParallelState:
     ep_rank: int = 0
     ep_group: ProcessGroup = None
     ep_ranks: tuple[int, ...] = (0,)
+    edp_group: ProcessGroup = None
+    edp_ranks: tuple[int, ...] = (0,)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -119,8 +124,11 @@ class ParallelState:
         embedding_group, embedding_ranks = _new_groups(topology.embedding_groups(), rank)
         if expert_parallel > 1:  # expert-parallel groups carved out of the data-parallel ones
             ep_group, ep_ranks = _new_groups(topology.expert_groups(expert_parallel), rank)
+            edp_group, edp_ranks = _new_groups(topology.expert_data_groups(expert_parallel),
+                                               rank)
         else:
             ep_group, ep_ranks = None, (rank,)
+            edp_group, edp_ranks = dp_group, dp_ranks
         return cls(
             topology=topology,
             rank=rank,
@@ -145,6 +153,8 @@ class ParallelState:
             ep_rank=ep_ranks.index(rank),
             ep_group=ep_group,
             ep_ranks=ep_ranks,
+            edp_group=edp_group,
+            edp_ranks=edp_ranks,
         )
 
     def with_sequence_parallel(self, enabled: bool) -> ParallelState:

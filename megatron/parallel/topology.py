@@ -133,6 +133,14 @@ class RankTopology:
         return [dp[i:i + expert_parallel] for dp in self.data_groups()
                 for i in range(0, len(dp), expert_parallel)]
 
+    def expert_data_groups(self, expert_parallel: int) -> Groups:
+        """Expert-data-parallel groups: the data-parallel ranks holding the same experts (the
+        same position in their expert-parallel blocks); expert gradients are reduced over
+        them."""
+        self._check_expert_parallel(expert_parallel)
+        return [dp[i::expert_parallel] for dp in self.data_groups()
+                for i in range(expert_parallel)]
+
     def _check_expert_parallel(self, expert_parallel: int) -> None:
         if expert_parallel < 1 or self.data_parallel % expert_parallel:
             raise ValueError(f"expert_model_parallel_size {expert_parallel} must divide the "

@@ -1,7 +1,8 @@
 """Model, optimizer, LR schedule and the DeepSpeed engine, built in one visible order.
 
 1. the model (plain ``GPTModel`` or the pipeline module) from the config sections;
-2. parameter groups (no weight decay on biases and norms) and the optimizer;
+2. parameter groups (no weight decay on biases and norms; expert shards in groups of their
+   own) and the optimizer;
 3. the LR schedule (stepped by the loop after every applied update);
 4. ``deepspeed.initialize`` with the DeepSpeed dict built from the config and, for the plain
    model, the parallel state as ``mpu``;
@@ -19,6 +20,7 @@ from megatron.logging.model_stats import ModelStats
 from megatron.model import build_model
 from megatron.model.pipeline import PipelineLMLoss
 from megatron.neox_arguments import ConfigError, NeoXConfig, build_deepspeed_config
+from megatron.parallel.experts import split_expert_param_groups
 from megatron.parallel.state import ParallelState
 from megatron.runtime import Runtime
 from megatron.training.compile import apply_compile_and_fp8
@@ -108,7 +110,8 @@ def build_engine(rt: Runtime) -> Engine:
     apply_compile_and_fp8(model, cfg)  # torch_compile / fp8_training (no-op when unset)
     zero_stage = int((cfg.ds.zero_optimization or {}).get("stage", 0))
     try:
-        built = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay))
+        groups = split_expert_param_groups(param_groups(model, cfg.optim.weight_decay))
+        built = build_optimizer(cfg.optim, groups)
         check_zero_compat(cfg.optim, zero_stage, built.optimizer)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -2,7 +2,8 @@
 
 One fused pass over this rank's gradients gives the step guard's finiteness verdict, the global
 norm for the logs and the norm to clip by; tensor-parallel copies and the pipeline's second copy of
-a tied weight count once in the global norm.
+a tied weight count once in the global norm, and expert shards on the expert-parallel rank that
+holds them.
 """
 
 from __future__ import annotations
@@ -12,32 +13,42 @@ from collections.abc import Iterable
 
 import torch
 
+from megatron.parallel.experts import is_expert_parameter
 from megatron.parallel.layers import param_is_not_tp_duplicate
 from megatron.parallel.state import ParallelState
 from megatron.training.control import grad_norms
 
 
 def _counted_grads(params: Iterable[torch.nn.Parameter], state: ParallelState
-                   ) -> tuple[list[torch.Tensor], list[bool]]:
-    """This rank's gradients, and for each whether it counts in the global norm: tensor-parallel
-    copies and the pipeline's second copy of a tied weight count once."""
-    grads, counted = [], []
+                   ) -> tuple[list[torch.Tensor], list[bool], list[bool]]:
+    """This rank's gradients, for each whether it counts in the global norm (tensor-parallel
+    copies and the pipeline's second copy of a tied weight count once), and whether it is an
+    expert shard (the other expert-parallel ranks hold the other experts)."""
+    grads, counted, experts = [], [], []
     for p in params:
         if p.grad is None:
             continue
         grads.append(p.grad)
         counted.append(param_is_not_tp_duplicate(p, state)
                        and not getattr(p, "ds_pipe_replicated", False))
-    return grads, counted
+        experts.append(is_expert_parameter(p))
+    return grads, counted, experts
 
 
-def _global_norm(norms: torch.Tensor, counted: list[bool], state: ParallelState) -> float:
-    """sqrt of the sum of squared per-tensor norms over all tensor and pipeline ranks."""
-    if all(counted):
-        local = norms.pow(2).sum()
+def _global_norm(norms: torch.Tensor, counted: list[bool], state: ParallelState,
+                 experts: list[bool]) -> float:
+    """sqrt of the sum of squared per-tensor norms over all tensor and pipeline ranks, the
+    expert shards' also over the expert-parallel ranks."""
+    squares = norms.pow(2)
+    if not all(counted):
+        squares = squares * torch.tensor(counted, device=norms.device, dtype=squares.dtype)
+    if state.ep_size > 1 and any(experts):
+        is_expert = torch.tensor(experts, device=norms.device)
+        shards = squares[is_expert].sum()
+        torch.distributed.all_reduce(shards, group=state.ep_group)
+        local = squares[~is_expert].sum() + shards
     else:
-        mask = torch.tensor(counted, device=norms.device)
-        local = norms[mask].pow(2).sum()
+        local = squares.sum()
     group = state.model_group
     if group is not None and torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(local, group=group)
@@ -51,12 +62,12 @@ def check_grads(params: Iterable[torch.nn.Parameter], state: ParallelState, *,
     The global norm (over all tensor and pipeline ranks, see :func:`global_grad_norm`; a
     collective over the model-parallel group) is computed only when ``global_norm``; None
     also when the gradients are not on the parameters (ZeRO keeps them in its partitions)."""
-    grads, counted = _counted_grads(params, state)
+    grads, counted, experts = _counted_grads(params, state)
     if not grads:
         return True, None
     norms = grad_norms(grads)
     finite = bool(torch.isfinite(norms).all())
-    return finite, _global_norm(norms, counted, state) if global_norm else None
+    return finite, _global_norm(norms, counted, state, experts) if global_norm else None
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], state: ParallelState) -> float | None:

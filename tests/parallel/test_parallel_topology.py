@@ -121,3 +121,22 @@ def test_invalid_shapes_raise_clear_errors() -> None:
         topo.coords(8)
     with pytest.raises(ValueError, match="out of range"):
         topo.rank(0, 2, 0)
+
+
+@pytest.mark.parametrize("world,tp,pp,ep",
+                         [(8, 1, 1, 2), (8, 2, 1, 2), (16, 2, 2, 2), (8, 1, 1, 4)])
+def test_expert_groups_tile_each_data_parallel_group(world: int, tp: int, pp: int,
+                                                     ep: int) -> None:
+    topo = RankTopology(world, tp, pp)
+    blocks, replicas = topo.expert_groups(ep), topo.expert_data_groups(ep)
+    for dp in topo.data_groups():
+        mine = [b for b in blocks if set(b) <= set(dp)]
+        same = [r for r in replicas if set(r) <= set(dp)]
+        # expert-parallel blocks: consecutive ranks; expert-data-parallel groups: the ranks at
+        # one position of every block (they hold the same experts)
+        assert mine == [dp[i:i + ep] for i in range(0, len(dp), ep)]
+        assert len(same) == ep and sorted(sum(same, [])) == sorted(dp)
+        for position, group in enumerate(same):
+            assert group == [block[position] for block in mine]
+    with pytest.raises(ValueError, match="must divide the data-parallel size"):
+        topo.expert_data_groups(3)
