@@ -1,0 +1,71 @@
+"""Comet logging (``use_comet``, ``comet_*``): an offline experiment archive with the same scalars
+TensorBoard and W&B get, the experiment's name, tags and metadata; Comet refusing to start
+(online without an API key) is one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from megatron.logging.comet import CometSettings
+from megatron.logging.metrics import MetricsLogger
+
+
+def read_comet_archive(directory: Path) -> tuple[dict, list[dict]]:
+    """The experiment description and the messages of the one offline archive in a folder."""
+    (archive,) = directory.glob("*.zip")
+    with zipfile.ZipFile(archive) as z:
+        experiment = json.loads(z.read("experiment.json"))
+        messages = [json.loads(line) for line in z.read("messages.json").splitlines() if line]
+    return experiment, messages
+
+
+def comet_metrics(messages: list[dict]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for m in messages:
+        if m["type"] == "metric_msg":
+            metric = m["payload"]["metric"]
+            out.setdefault(metric["metricName"], {})[metric["step"]] = metric["metricValue"]
+    return out
+
+
+def test_offline_experiment_archive_holds_the_scalars(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMET_START_ONLINE", "false")
+    monkeypatch.delenv("COMET_OFFLINE_DIRECTORY", raising=False)
+    settings = CometSettings(project="tests", experiment_name="offline-check",
+                             tags=("tiny", "cpu"), others={"cluster": "local"},
+                             config={"hidden_size": 32, "config_files": {"a.yml": "..."}})
+    with MetricsLogger(rank=0, log_dir=tmp_path / "logs", comet=settings,
+                       stream=io.StringIO()) as logger:
+        logger.log_train(10, lm_loss=5.5, lr=1e-3, step_time_s=0.5)
+        logger.log_eval(10, 4.25)
+    experiment, messages = read_comet_archive(tmp_path / "logs" / "comet")
+    metrics = comet_metrics(messages)
+    assert metrics["train/lm_loss"] == {10: 5.5} and metrics["train/lr"] == {10: 0.001}
+    assert metrics["eval/loss"] == {10: 4.25}
+    others = {m["payload"]["key"]: m["payload"]["value"] for m in messages
+              if m["type"] == "log_other"}
+    assert others["Name"] == "offline-check" and others["cluster"] == "local"
+    params = {m["payload"]["param"]["paramName"] for m in messages
+              if m["type"] == "parameter_msg"}
+    assert "hidden_size" in params and "config_files" not in params
+    assert experiment["project_name"] == "tests" and set(experiment["tags"]) == {"tiny", "cpu"}
+    # a rank other than the writing rank starts no experiment
+    with MetricsLogger(rank=1, log_dir=tmp_path / "r1", comet=settings) as other:
+        other.log_train(1, lm_loss=1.0, lr=1e-3, step_time_s=0.1)
+    assert not (tmp_path / "r1").exists()
+
+
+def test_online_without_api_key_is_one_line(tmp_path, monkeypatch):
+    for name in ("COMET_START_ONLINE", "COMET_API_KEY", "COMET_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.comet.config
+    with pytest.raises(RuntimeError) as info:
+        MetricsLogger(rank=0, log_dir=None, comet=CometSettings(project="p"))
+    message = str(info.value)
+    assert message.startswith("use_comet: Comet did not start an experiment (")
+    assert "COMET_API_KEY" in message and "\n" not in message
