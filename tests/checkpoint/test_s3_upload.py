@@ -5,7 +5,6 @@ cannot be reached is a one-line error."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,33 +13,20 @@ import torch
 from megatron.checkpoint.manifest import CheckpointError
 from megatron.checkpoint.s3 import S3Target
 from megatron.checkpoint.writer import SaveJob, Writer
+from tests.s3_server import free_port, moto_s3_server, s3_env
 
 MiB = 1024 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def aws_env(monkeypatch, s3_server):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}.items():
+    for name, value in s3_env(s3_server).items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     import boto3
@@ -94,7 +80,7 @@ def test_unreachable_endpoint_and_missing_bucket_are_one_line(tmp_path, monkeypa
     assert str(cause).startswith(f"s3_path: uploading {tmp_path / 'a' / 'run-a'}/global_step7 "
                                  "to s3://no-such-bucket/x/run-a/global_step7 failed: ")
     assert "NoSuchBucket" in str(cause)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(CheckpointError) as info:
         S3Target("s3://ckpts/x").upload(_step_dir(tmp_path / "b"))
     assert "Could not connect to the endpoint URL" in str(info.value)
