@@ -51,10 +51,15 @@ def _import_comet() -> Any:
 
 def start_experiment(settings: CometSettings, log_dir: Path | None) -> Any:
     """A started Comet experiment; a one-line RuntimeError when Comet refuses to start."""
+    if os.environ.get("COMET_START_ONLINE", "").lower() in ("0", "false", "no"):
+        # offline means nothing leaves the machine: Comet's own error reports included
+        os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
     comet_ml = _import_comet()
     offline_dir = None
     if "COMET_OFFLINE_DIRECTORY" not in os.environ and log_dir is not None:
-        offline_dir = str(log_dir / "comet")
+        target = (log_dir / "comet").resolve()  # Comet refuses relative paths
+        target.mkdir(parents=True, exist_ok=True)
+        offline_dir = str(target)
     experiment_config = comet_ml.ExperimentConfig(
         name=settings.experiment_name, tags=list(settings.tags) or None,
         offline_directory=offline_dir, parse_args=False, log_code=False, log_graph=False,
