@@ -1,5 +1,5 @@
 """``use_bnb_optimizer``: optimizer.type Adam/AdamW runs as bitsandbytes' 8-bit Adam on these
-CPU ranks (bitsandbytes >= 0.49 has a CPU backend): its moments are stored in 8 bits, and a
+CPU ranks (bitsandbytes 0.50 has a CPU backend): its moments are stored in 8 bits, and a
 tiny GPT trains along the same loss curve as with the 32-bit AdamW."""
 
 from __future__ import annotations
