@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron.neox_arguments.fields import ConfigError
+
 if TYPE_CHECKING:
     from megatron.neox_arguments.groups_io import LoggingArgs
 
@@ -44,13 +46,14 @@ def _import_comet() -> Any:
     try:
         import comet_ml
     except ImportError:
-        raise RuntimeError("use_comet is set but the comet_ml package is not installed "
+        raise ConfigError("use_comet is set but the comet_ml package is not installed "
                            "(pip install comet_ml), or set use_comet: false") from None
     return comet_ml
 
 
 def start_experiment(settings: CometSettings, log_dir: Path | None) -> Any:
-    """A started Comet experiment; a one-line RuntimeError when Comet refuses to start."""
+    """A started Comet experiment; a one-line ConfigError (the run ends with that line) when
+    Comet refuses to start."""
     if os.environ.get("COMET_START_ONLINE", "").lower() in ("0", "false", "no"):
         # offline means nothing leaves the machine: Comet's own error reports included
         os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
@@ -70,7 +73,7 @@ def start_experiment(settings: CometSettings, log_dir: Path | None) -> Any:
                                     experiment_config=experiment_config)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeError(f"use_comet: Comet did not start an experiment ({first}); set "
+        raise ConfigError(f"use_comet: Comet did not start an experiment ({first}); set "
                            "COMET_API_KEY, or COMET_START_ONLINE=false for an offline "
                            "archive") from None
     if settings.others:

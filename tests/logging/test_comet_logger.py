@@ -15,7 +15,7 @@ import pytest
 
 from megatron.logging.comet import CometSettings
 from megatron.logging.metrics import MetricsLogger
-from megatron.neox_arguments import RunFacts, merge_configs, resolve_config
+from megatron.neox_arguments import ConfigError, RunFacts, merge_configs, resolve_config
 
 
 def read_comet_archive(directory: Path) -> tuple[dict, list[dict]]:
@@ -79,7 +79,7 @@ def test_online_without_api_key_is_one_line(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "false")  # no report of the failure
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.comet.config
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(ConfigError) as info:
         MetricsLogger(rank=0, log_dir=None, comet=CometSettings(project="p"))
     message = str(info.value)
     assert message.startswith("use_comet: Comet did not start an experiment (")
