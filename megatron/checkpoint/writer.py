@@ -14,7 +14,8 @@ Every file is CRC-32'd while it is written (:class:`~megatron.checkpoint.manifes
 ChecksumWriter`) and fsync'd before the manifest names it; with several ranks the entries are
 gathered to rank 0 over a dedicated gloo group (so the background thread never shares a
 process group with the training step), and rank 0 writes ``manifest.json``, then ``latest``,
-then prunes.
+then uploads the checkpoint when the job has an ``upload`` (``s3_path``:
+:mod:`megatron.checkpoint.s3`), then prunes.
 """
 
 from __future__ import annotations
