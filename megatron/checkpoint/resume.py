@@ -126,6 +126,7 @@ class SaveOptions:
     save_optimizer: bool = True
     save_rng: bool = True
     layout: RunLayout | None = None  # recorded so the checkpoint can resume at another layout
+    upload: Any = None  # e.g. an S3Target: rank 0 calls upload(tag_dir) once it is complete
 
 
 class Checkpointer:
@@ -206,7 +207,8 @@ def save_checkpoint(
                   files=capture.held + extra, entries=capture.entries,
                   has_optimizer=options.save_optimizer, keep_last_n=options.keep_last_n,
                   kill_before_complete=kill_before_complete, copy_s=capture.copy_s,
-                  write_s=capture.write_s)
+                  write_s=capture.write_s,
+                  upload=options.upload.upload if options.upload is not None else None)
     if hold:
         job.blocked_s = time.perf_counter() - blocked_from
         checkpointer.writer.submit(job)

@@ -14,7 +14,8 @@ Every file is CRC-32'd while it is written (:class:`~megatron.checkpoint.manifes
 ChecksumWriter`) and fsync'd before the manifest names it; with several ranks the entries are
 gathered to rank 0 over a dedicated gloo group (so the background thread never shares a
 process group with the training step), and rank 0 writes ``manifest.json``, then ``latest``,
-then prunes.
+then uploads the checkpoint when the job has an ``upload`` (``s3_path``:
+:mod:`megatron.checkpoint.s3`), then prunes.
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ class SaveJob:
     write_s: float = 0.0
     total_bytes: int = 0
     background: bool = False
+    upload: Any = None  # rank 0: called with tag_dir once the checkpoint is complete
+    upload_line: str | None = None
 
     def run(self) -> None:
         start = time.perf_counter()
@@ -210,6 +213,8 @@ class SaveJob:
             write_manifest(self.tag_dir, self.iteration, has_optimizer=self.has_optimizer,
                            known=entries)
             atomic_write(self.save_dir / LATEST, self.tag_dir.name)
+            if self.upload is not None:
+                self.upload_line = self.upload(self.tag_dir)
             prune_checkpoints(self.save_dir, self.keep_last_n, protect=self.tag_dir.name)
         self.total_bytes = sum(int(e["size"]) for e in entries.values())
         self.write_s += time.perf_counter() - start
@@ -221,9 +226,10 @@ class SaveJob:
         rate = size / self.write_s if self.write_s > 0 else float("inf")
         where = "in the background " if self.background else ""
         copy = f" (copy to host memory {self.copy_s:.3f} s)" if self.copy_s > 0 else ""
-        return (f"saved checkpoint at iteration {self.iteration} to {self.save_dir}: training "
+        line = (f"saved checkpoint at iteration {self.iteration} to {self.save_dir}: training "
                 f"blocked {self.blocked_s:.3f} s{copy}, write {where}{self.write_s:.3f} s "
                 f"({size:.1f} MB, {rate:.0f} MB/s)")
+        return line if self.upload_line is None else f"{line}; {self.upload_line}"
 
 
 class Writer:

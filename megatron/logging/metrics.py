@@ -1,4 +1,5 @@
-"""Training and evaluation metrics: stdout, ``metrics.jsonl``, TensorBoard and Weights & Biases.
+"""Training and evaluation metrics: stdout, ``metrics.jsonl``, TensorBoard, Weights & Biases and
+Comet.
 
 One :class:`MetricsLogger` per rank; only the writing rank (``writer_rank``, rank 0 by default)
 writes anything, except that with ``wandb_init_all_ranks`` every rank logs to its own W&B run.
@@ -15,7 +16,8 @@ Per training log call:
   and, when given, ``loss_scale``, ``consumed_samples``, ``elapsed_s`` and any extra scalars.
   Unknown or non-finite values are ``null``;
 * the same scalars to TensorBoard as ``train/<name>`` at step ``iteration``;
-* and to W&B (``use_wandb``) under the same names.
+* and to W&B (``use_wandb``) and Comet (``use_comet``, :mod:`megatron.logging.comet`) under the
+  same names.
 
 Evaluation results go the same ways as ``eval_loss``/``eval_ppl`` (TensorBoard/W&B:
 ``eval/loss``, ``eval/ppl`` for the validation split, ``<split>/loss``, ``<split>/ppl`` for
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from megatron.logging.comet import CometSettings, start_experiment
 from megatron.logging.mfu import achieved_tflops, mfu, peak_tflops
 
 if TYPE_CHECKING:
@@ -112,7 +115,8 @@ class MetricsLogger:
     def __init__(self, *, rank: int, log_dir: str | os.PathLike[str] | None,
                  tensorboard_dir: str | os.PathLike[str] | None = None,
                  wandb: WandbSettings | None = None, throughput: Throughput | None = None,
-                 writer_rank: int = 0, stream: TextIO | None = None) -> None:
+                 writer_rank: int = 0, stream: TextIO | None = None,
+                 comet: CometSettings | None = None) -> None:
         self.rank = rank
         self.is_writer = rank == writer_rank
         self.throughput = throughput
@@ -122,6 +126,7 @@ class MetricsLogger:
         self._run_log: TextIO | None = None
         self._tb: Any = None
         self._wandb_run: Any = None
+        self._comet: Any = None
         self.log_dir = Path(log_dir) if log_dir is not None else None
         if self.is_writer and self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +138,8 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
         if wandb is not None and (self.is_writer or wandb.init_all_ranks):
             self._wandb_run = self._start_wandb(wandb)
+        if comet is not None and self.is_writer:
+            self._comet = start_experiment(comet, self.log_dir)
         atexit.register(self.close)
 
     # ---------------------------------------------------------------------------- setup
@@ -179,7 +186,8 @@ class MetricsLogger:
         lg = cfg.logging
         logger = cls(rank=rank, log_dir=lg.log_dir, tensorboard_dir=lg.tensorboard_dir,
                      wandb=WandbSettings.from_logging_args(lg, cfg.flat()),
-                     throughput=throughput, writer_rank=writer_rank, stream=stream)
+                     throughput=throughput, writer_rank=writer_rank, stream=stream,
+                     comet=CometSettings.from_logging_args(lg, cfg.flat()))
         return logger, source
 
     # ---------------------------------------------------------------------------- output
@@ -200,6 +208,8 @@ class MetricsLogger:
                 self._tb.add_scalar(tag, value, global_step=step)
         if self._wandb_run is not None and tagged:
             self._wandb_run.log(tagged, step=step)
+        if self._comet is not None and tagged:
+            self._comet.log_metrics(tagged, step=step)
 
     def info(self, message: str) -> None:
         """A plain message (checkpoint saved, stop requested, ...) on the writing rank."""
@@ -329,6 +339,8 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb_run is not None:
             self._wandb_run.finish()
+        if self._comet is not None:
+            self._comet.end()  # offline: writes the archive
 
     def __enter__(self) -> MetricsLogger:
         return self

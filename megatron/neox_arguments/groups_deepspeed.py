@@ -13,6 +13,21 @@ class DeepSpeedArgs:
     zero_optimization: dict | None = key(
         None, "ZeRO block {stage: 0-3, allgather_bucket_size, reduce_bucket_size, overlap_comm, "
         "contiguous_gradients, offload_optimizer, offload_param, ...}.", origin="DSC")
+    zero_stage: int | None = key(
+        None, "ZeRO stage, written to zero_optimization.stage (the block's own value wins when "
+        "both are given); resolved to the stage in effect.")
+    zero_reduce_scatter: bool | None = key(
+        None, "ZeRO: average gradients with reduce/reduce-scatter instead of all-reduce "
+        "(zero_optimization.reduce_scatter; the block's value wins).")
+    zero_contiguous_gradients: bool | None = key(
+        None, "ZeRO: copy gradients into one contiguous buffer as they are produced "
+        "(zero_optimization.contiguous_gradients; the block's value wins).")
+    zero_reduce_bucket_size: int | None = key(
+        None, "ZeRO: elements reduced at a time (zero_optimization.reduce_bucket_size; the "
+        "block's value wins).")
+    zero_allgather_bucket_size: int | None = key(
+        None, "ZeRO: elements all-gathered at a time (zero_optimization.allgather_bucket_size; "
+        "the block's value wins).")
     scheduler: dict | None = key(
         None, "DeepSpeed LR scheduler block, with optimizer type OneBitAdam only (DeepSpeed "
         "builds that optimizer and this schedule); every other optimizer follows the lr_* keys.",

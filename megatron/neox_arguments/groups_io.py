@@ -53,7 +53,10 @@ class DataArgs:
     dataset_impl: Literal["gpt2", "pairwise"] = key(
         "gpt2", "Dataset type: gpt2, or pairwise (chosen/rejected pairs from the pos_*/neg_* "
         "paths, one pair per sample, unpacked).")
-    allow_chopped: bool = key(True, "Allow the last, partial sample of an epoch.")
+    allow_chopped: bool = key(
+        True, "One document per sample (pack_impl: unpacked, dataset_impl: pairwise): documents "
+        "longer than seq_length + 1 tokens are cut to fit (true) or left out (false; for a "
+        "pair: when either side is too long). Packed data ignores it.")
     data_cache_dir: str | None = key(
         None, "Where the sample-index cache goes; unset: next to the data.", origin="Here")
     fim_rate: float = key(
@@ -129,9 +132,20 @@ class LoggingArgs:
         "(<log_dir>/profile without one): TensorBoard / Perfetto trace files per rank.")
     profile_step_start: int = key(10, "The profiled steps start after this iteration.")
     profile_step_stop: int = key(12, "Last profiled iteration.")
-    comet_project: str | None = key(None, "Comet project.",
-                                    unsupported="Comet logging is not supported")
-    use_comet: bool = key(False, "Log to Comet.", unsupported="Comet logging is not supported")
+    use_comet: bool | None = key(
+        None, "Log the training and evaluation scalars (the TensorBoard/W&B ones) to a Comet "
+        "experiment on the writing rank (comet_ml package; COMET_API_KEY online, or "
+        "COMET_START_ONLINE=false for an offline archive, written to COMET_OFFLINE_DIRECTORY "
+        "or else <log_dir>/comet).")
+    comet_workspace: str | None = key(
+        None, "Comet workspace; unset: the user's default workspace.")
+    comet_project: str | None = key(
+        None, "Comet project; unset: Comet's Uncategorized Experiments project.")
+    comet_experiment_name: str | None = key(
+        None, "Name of the Comet experiment; unset: a random name.")
+    comet_tags: list | None = key(None, "Tags attached to the Comet experiment.")
+    comet_others: dict | None = key(
+        None, "Custom metadata attached to the Comet experiment (Comet's log_others).")
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,10 @@ class OptimizerArgs:
     lr: float | None = key(None, "Peak learning rate; unset takes optimizer.params.lr.")
     weight_decay: float = key(0.01, "Decoupled weight decay (not applied to biases and norms).",
                               origin="Meg")
-    use_bnb_optimizer: bool = key(False, "Use bitsandbytes 8-bit optimizers.",
-                                  unsupported="bitsandbytes optimizers are not supported")
+    use_bnb_optimizer: bool = key(
+        False, "optimizer.type Adam/AdamW runs as bitsandbytes' 8-bit Adam (Adam8bit: "
+        "block-wise quantized moments, decoupled weight decay; parameters under 4096 "
+        "elements keep 32-bit state). Needs the bitsandbytes package.")
     optimizer_type: str = key("Adam", "The optimizer block's type.", derived=True)
 
 
@@ -146,8 +148,14 @@ class CheckpointArgs:
         "state).", origin="Meg")
     checkpoint_validation_with_forward_pass: bool = key(
         False, "After saving, reload and check that a forward pass gives the same logits.")
-    s3_path: str | None = key(None, "Upload checkpoints to this S3 path.",
-                              unsupported="S3 upload is not supported")
+    s3_path: str | None = key(
+        None, "s3://bucket/prefix: after each save, rank 0 uploads every file of the checkpoint "
+        "to s3_path/<basename of save>/global_stepN/ (boto3, multipart; credentials and "
+        "AWS_ENDPOINT_URL from the environment). The save directory must be visible to rank 0 "
+        "(a shared file system with several nodes).")
+    s3_chunk_size: int = key(
+        104_857_600, "Bytes per part of the multipart upload to s3_path (100 MiB; S3 needs at "
+        "least 5 MiB).")
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,22 @@ class PrecisionArgs:
                             "loss_scale_window, hysteresis, min_loss_scale, initial_scale_power}.",
                             origin="DSC")
     bf16: dict | None = key(None, "DeepSpeed bf16 block {enabled}.", origin="DSC")
+    dynamic_loss_scale: bool | None = key(
+        None, "fp16 loss scaling: true is dynamic (fp16.loss_scale 0), false is static "
+        "(needs loss_scale); unset: dynamic unless loss_scale is set. Resolved to what the "
+        "fp16 block finally says.", origin="Meg")
+    loss_scale: float | None = key(
+        None, "Static fp16 loss scale, written to fp16.loss_scale (0 or unset: dynamic). The "
+        "fp16 block's own value wins when both are given.", origin="Meg")
+    loss_scale_window: float = key(
+        1000.0, "Dynamic loss scaling: steps without overflow before the scale rises "
+        "(fp16.loss_scale_window; the block's value wins).", origin="Meg")
+    hysteresis: int = key(
+        2, "Dynamic loss scaling: overflows tolerated before the scale drops "
+        "(fp16.hysteresis; the block's value wins).", origin="Meg")
+    min_scale: float = key(
+        1.0, "Dynamic loss scaling: the lowest scale (fp16.min_loss_scale; the block's value "
+        "wins).", origin="Meg")
     amp: dict | None = key(None, "DeepSpeed apex AMP block.", origin="DSC",
                            unsupported="apex AMP is not supported; use the fp16 or bf16 block")
     fp32_allreduce: bool = key(False, "All-reduce gradients in fp32.", origin="Meg")

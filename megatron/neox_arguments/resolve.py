@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from megatron.neox_arguments import checks
+from megatron.neox_arguments import checks, checks_services, shortcuts
 from megatron.neox_arguments.config import NeoXConfig, padded_vocab_size
 from megatron.neox_arguments.deepspeed_config import BF16_KEYS
 from megatron.neox_arguments.fields import ConfigError, coerce, type_name
@@ -201,6 +201,9 @@ def resolve_config(merged: MergedConfig, facts: RunFacts | None = None) -> NeoXC
         warnings.append(f"bf16: {', '.join(extra_bf16)} (loss scaling) have no meaning for "
                         "bf16 and are not passed to DeepSpeed")
     derived["optimizer_type"], derived["lr"] = _resolve_optimizer(values, loc, facts.purpose)
+    derived.update(shortcuts.fold_zero_shortcuts(values, warnings))
+    derived.update(shortcuts.fold_loss_scale_shortcuts(values, derived["precision"], loc,
+                                                       warnings))
 
     mp = values.get("model_parallel_size", 1)
     pp = values.get("pipe_parallel_size", 0)
@@ -246,6 +249,7 @@ def resolve_config(merged: MergedConfig, facts: RunFacts | None = None) -> NeoXC
     sections = _sections({**values, **derived})
     cfg = NeoXConfig(**sections, merged=merged)
     checks.check_config(cfg, loc, facts.purpose)
+    checks_services.check_services(cfg, loc)
     warnings += checks.mlp_warnings(cfg)
     warnings += checks.check_machine(cfg, loc, facts)
     return dataclasses.replace(cfg, warnings=tuple(warnings))

@@ -29,6 +29,7 @@ from megatron.checkpoint.resume import (
     load_checkpoint,
     save_checkpoint,
 )
+from megatron.checkpoint.s3 import S3Target
 from megatron.logging.profiler import MemorySnapshot, StepProfiler, trace_dir
 from megatron.runtime import Runtime, start
 from megatron.training.control import world_max
@@ -121,7 +122,9 @@ class Trainer:
             self.engine.ds, SaveOptions(ck.save, ck.keep_last_n_checkpoints,
                                         save_optimizer=not ck.no_save_optim,
                                         save_rng=not ck.no_save_rng,
-                                        layout=run_layout(self.cfg, self.rt.state)),
+                                        layout=run_layout(self.cfg, self.rt.state),
+                                        upload=S3Target(ck.s3_path, ck.s3_chunk_size)
+                                        if ck.s3_path else None),
             iteration=self.progress.iteration,
             client_state={**self.progress.client_state(self.engine.scheduler),
                           **self.engine.client_state(), **extra},

@@ -10,7 +10,8 @@
 
 Weight decay is decoupled (AdamW-style, ``p -= lr * weight_decay * p``) for every optimizer
 except SGD, where torch adds it to the gradient (L2). GPT-NeoX's ``Adam`` is decoupled too,
-so ``Adam`` and ``AdamW`` both build :class:`torch.optim.AdamW`.
+so ``Adam`` and ``AdamW`` both build :class:`torch.optim.AdamW` (bitsandbytes' 8-bit Adam with
+``use_bnb_optimizer``).
 """
 
 from __future__ import annotations
@@ -302,6 +303,18 @@ def _torch_adamw(groups: list[Any], kwargs: dict[str, Any], *, allow_fused: bool
     return torch.optim.AdamW(groups, **kwargs, **impl)
 
 
+def _bnb_adam8bit(groups: list[Any], kwargs: dict[str, Any]) -> Any:
+    """bitsandbytes' 8-bit Adam (``use_bnb_optimizer``): the moments are kept as block-wise
+    quantized 8-bit values (parameters under 4096 elements keep 32-bit state); its weight
+    decay is decoupled, as for ``Adam``/``AdamW`` here."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError("use_bnb_optimizer: needs the bitsandbytes package "
+                         "(pip install bitsandbytes)") from None
+    return bnb.optim.Adam8bit(groups, **kwargs)
+
+
 def _one_bit_adam_problem() -> str | None:
     """Why DeepSpeed's 1-bit Adam cannot run in this process (None when it can)."""
     if not accelerator.is_gpu() or accelerator.communication_backend() != "nccl":
@@ -356,7 +369,9 @@ def build_optimizer(optim_args: OptimizerArgs,
             "deepspeed.initialize from the optimizer block (uses_deepspeed_optimizer)"))
     groups = _groups(model_or_groups, kwargs["weight_decay"])
     optimizer: torch.optim.Optimizer
-    if kind in ("Adam", "AdamW"):
+    if kind in ("Adam", "AdamW") and optim_args.use_bnb_optimizer:
+        optimizer = _bnb_adam8bit(groups, kwargs)
+    elif kind in ("Adam", "AdamW"):
         optimizer = _torch_adamw(groups, kwargs, allow_fused=True)
     elif kind == "CPU_torch_adam":
         on_device = [t for t in _all_params(groups) if t.device.type != "cpu"]

@@ -16,6 +16,8 @@ from e2e_helpers import (
     write_config,
 )
 
+from tests.s3_server import moto_s3_server, s3_env
+
 pytestmark = pytest.mark.slow
 
 TRAIN = {"train_iters": 6, "num_gpus": 2, "hidden_dropout": 0.1, "attention_dropout": 0.1,
@@ -28,15 +30,52 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
-    """6 iterations in one go, saving every iteration and keeping the last 2."""
+def s3():
+    """An S3 server on loopback with a bucket ``ckpts``; yields boto3's environment for it."""
+    with moto_s3_server() as endpoint:
+        env = s3_env(endpoint)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="ckpts")
+        yield env
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory, s3):
+    """6 iterations in one go, saving every iteration and keeping the last 2; every save is
+    also uploaded to the S3 server (s3_path)."""
     tmp = tmp_path_factory.mktemp("full")
     run = tmp / "run"
     cfg = write_config(tmp / "run.yml", base_values(
-        corpus, run, save=str(run / "ckpt"), save_interval=1, keep_last_n_checkpoints=2, **TRAIN))
-    proc = run_deepy("configs/tiny_neox.yml", cfg)
+        corpus, run, save=str(run / "ckpt"), save_interval=1, keep_last_n_checkpoints=2,
+        s3_path="s3://ckpts/neox", s3_chunk_size=5 * 1024 * 1024, **TRAIN))
+    proc = run_deepy("configs/tiny_neox.yml", cfg, env=s3)
     assert proc.returncode == 0, explain(proc)
     return run
+
+
+def test_every_save_is_uploaded_to_s3_path(uninterrupted, s3):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"],
+                          aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket="ckpts", Prefix="neox/ckpt/") for o in page.get("Contents", [])]
+    # every save went up, the ones pruned locally since (keep_last_n_checkpoints) included
+    assert {k.split("/")[2] for k in keys} == {f"global_step{i}" for i in range(1, 7)}
+    tag_dir = uninterrupted / "ckpt" / "global_step6"
+    local = {p.relative_to(tag_dir).as_posix(): p for p in tag_dir.rglob("*") if p.is_file()}
+    assert "manifest.json" in local and len(local) > 3
+    assert {k for k in keys if k.startswith("neox/ckpt/global_step6/")} == \
+        {f"neox/ckpt/global_step6/{name}" for name in local}
+    for name, path in local.items():
+        body = client.get_object(Bucket="ckpts", Key=f"neox/ckpt/global_step6/{name}")["Body"]
+        assert body.read() == path.read_bytes(), name
+    log = (uninterrupted / "logs" / "run.log").read_text()
+    assert "uploaded checkpoint global_step6 to s3://ckpts/neox/ckpt/global_step6" in log
 
 
 def test_keep_last_n_prunes_old_checkpoints(uninterrupted):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import zipfile
 
 import pytest
 from e2e_helpers import (
@@ -33,8 +35,10 @@ def test_loss_falls_logs_are_written_and_a_nan_step_is_skipped(corpus, tmp_path)
         warmup=0.05, tensorboard_dir=str(run / "tb"), use_wandb=True,
         wandb_project="e2e", inject_nonfinite_loss_iters=[10], wall_clock_breakdown=True,
         scaled_upper_triang_masked_softmax_fusion=True,
+        use_comet=True, comet_project="e2e", comet_tags=["cpu"],
     ))
-    proc = run_deepy("configs/tiny_neox.yml", cfg, env={"WANDB_MODE": "offline"})
+    proc = run_deepy("configs/tiny_neox.yml", cfg,
+                     env={"WANDB_MODE": "offline", "COMET_START_ONLINE": "false"})
     assert proc.returncode == 0, explain(proc)
     train = records(run)
     assert [r["iteration"] for r in train] == list(range(1, 41))
@@ -72,6 +76,14 @@ def test_loss_falls_logs_are_written_and_a_nan_step_is_skipped(corpus, tmp_path)
     runs = list((run / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert any(f.suffix == ".wandb" and f.stat().st_size > 0 for f in runs[0].iterdir())
+    # an offline Comet archive with the same losses (use_comet)
+    (archive,) = (run / "logs" / "comet").glob("*.zip")
+    with zipfile.ZipFile(archive) as z:
+        messages = [json.loads(line) for line in z.read("messages.json").splitlines() if line]
+    comet = {(m["payload"]["metric"]["metricName"], m["payload"]["metric"]["step"]):
+             m["payload"]["metric"]["metricValue"] for m in messages if m["type"] == "metric_msg"}
+    assert comet[("train/lm_loss", 40)] == pytest.approx(by_iter[40]["lm_loss"], rel=1e-6)
+    assert ("train/lm_loss", 10) not in comet and ("eval/loss", 20) in comet
 
 
 def test_consecutive_non_finite_steps_stop_the_run(corpus, tmp_path):
