@@ -244,6 +244,7 @@ def resolve_config(merged: MergedConfig, facts: RunFacts | None = None) -> NeoXC
     cfg = NeoXConfig(**sections, merged=merged)
     checks.check_config(cfg, loc, facts.purpose)
     warnings += checks.mlp_warnings(cfg)
+    warnings += checks.act_ckpt_warnings(cfg, facts.gpu)
     warnings += checks.check_machine(cfg, loc, facts)
     return dataclasses.replace(cfg, warnings=tuple(warnings))
 

@@ -155,3 +155,24 @@ def test_settings_from_the_config_keys() -> None:
     # on CPU ranks the host is the device: nothing to move without partitioning
     alone = make_config(checkpoint_activations=True, checkpoint_in_cpu=True)
     assert not checkpoint_settings(alone.act_ckpt, 2).checkpoint_in_cpu
+
+
+def test_config_refuses_contiguous_without_partition_and_warns_about_idle_keys() -> None:
+    from megatron.neox_arguments import ConfigError
+
+    with pytest.raises(ConfigError, match="contiguous_checkpointing needs partition_activations"):
+        make_config(checkpoint_activations=True, contiguous_checkpointing=True)
+
+    def warned(**keys: Any) -> str:
+        return " | ".join(make_config(**keys).warnings)
+
+    assert "no effect without checkpoint_activations" in warned(partition_activations=True)
+    assert "no effect with deepspeed_activation_checkpointing: false" in warned(
+        checkpoint_activations=True, deepspeed_activation_checkpointing=False,
+        synchronize_each_layer=True)
+    assert "already split" in warned(
+        world_size=2, model_parallel_size=2, sequence_parallel=True,
+        checkpoint_activations=True, partition_activations=True)
+    assert "host memory already" in warned(checkpoint_activations=True, checkpoint_in_cpu=True)
+    assert warned(checkpoint_activations=True, partition_activations=True,
+                  synchronize_each_layer=True) == ""
