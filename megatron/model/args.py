@@ -25,7 +25,7 @@ InitMethod = Literal[
     "xavier_normal", "wang_init", "small_init", "single_residual_scaled_normal",
 ]  # fmt: skip
 
-#: Activations whose up projection has two halves ``[gate; up]`` (``act(gate) * up``).
+#: Activations whose first projection has two halves ``[up; gate]`` (``act(gate) * up``).
 GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "bilinear", "glu")
 
 #: The attention types an ``attention_config`` entry may name: ``global`` (causal attention over

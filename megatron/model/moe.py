@@ -15,9 +15,10 @@ One forward pass over this rank's tokens ``x [s, b, h]`` (``T = s * b`` tokens):
    ``torch._grouped_mm`` with ``moe_grouped_gemm`` where the device has it);
 5. the outputs, weighted by the router, are summed back into each token's row.
 
-Expert weights follow the dense MLP's layout: ``w_in [E, ffn (x2 when gated) / tp, h]``
-(``[gate; up]`` halves for gated activations, split over tensor-parallel ranks with stride 2)
-and ``w_out [E, h, ffn / tp]``; the partial outputs are summed over the tensor-parallel group.
+Expert weights: ``w_in [E, ffn (x2 when gated) / tp, h]`` (``[gate; up]`` halves for gated
+activations, the order of Hugging Face's fused expert ``gate_up_proj``, unlike the dense MLP's
+GPT-NeoX order ``[up; gate]``; split over tensor-parallel ranks with stride 2) and
+``w_out [E, h, ffn / tp]``; the partial outputs are summed over the tensor-parallel group.
 Every expert's weight is drawn in expert order from the same RNG, so neither the tensor- nor
 the expert-parallel size changes the initial model. Experts have no biases.
 
