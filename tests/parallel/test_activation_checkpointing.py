@@ -176,3 +176,17 @@ def test_config_refuses_contiguous_without_partition_and_warns_about_idle_keys()
     assert "host memory already" in warned(checkpoint_activations=True, checkpoint_in_cpu=True)
     assert warned(checkpoint_activations=True, partition_activations=True,
                   synchronize_each_layer=True) == ""
+
+
+def test_layers_behind_frozen_embeddings_still_get_gradients() -> None:
+    """No checkpointed input needs a gradient (frozen embeddings, as with LoRA): the layers'
+    parameters still get theirs, equal to those without checkpointing."""
+    tokens, labels, mask = batch(2, 16)
+    grads = []
+    for ckpt in (False, True):
+        model = build(make_config(checkpoint_activations=ckpt), seed=1).train()
+        model.embed.requires_grad_(False)
+        lm_loss(model(tokens), labels, mask, ParallelState.single()).backward()
+        grads.append(model.layers[0].mlp.dense_h_to_4h.weight.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
