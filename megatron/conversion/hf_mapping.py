@@ -16,11 +16,12 @@ Layouts: GPT-NeoX's fused ``query_key_value`` rows are per head ``[q, k, v]``, w
 model's per-key/value-group layout with one query head per group, so it converts as is. Llama's
 separate ``q_proj``/``k_proj``/``v_proj`` go into the fused weight group by group
 (``[q heads of group g, k_g, v_g]``) and ``gate_proj``/``up_proj`` into ``dense_h_to_4h`` as
-``[gate; up]``. Both HF families use rotate-half rotary embeddings on the first rotary
+``[up; gate]`` (GPT-NeoX's order, :func:`~megatron.model.activations.fuse_gated`). Both HF families use rotate-half rotary embeddings on the first rotary
 dimensions of each head, as this model does, so no permutation of q/k rows is needed.
 GPT-NeoX always has LayerNorm biases and MLP biases: a model without them exports zeros there.
 Mixtral's router (``block_sparse_moe.gate``) is this model's ``mlp.router``; expert ``e``'s
-``w1`` (gate) and ``w3`` (up) are the two halves of ``mlp.w_in[e]`` and ``w2`` is
+``w1`` (gate) and ``w3`` (up) are the two halves of ``mlp.w_in[e]`` in that order (the order of
+Hugging Face's fused ``gate_up_proj``; GPT-NeoX keeps them as separate weights) and ``w2`` is
 ``mlp.w_out[e]``. Weights are written in the per-expert layout Mixtral checkpoints use on disk;
 reading also accepts the fused ``mlp.experts.gate_up_proj`` / ``down_proj`` layout.
 """
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from megatron.conversion import hf_mamba
-from megatron.model.activations import tanh_gelu
+from megatron.model.activations import fuse_gated, split_gated, tanh_gelu
 from megatron.model.args import (
     ModelArgs,
     attention_layer_types,
@@ -285,12 +286,11 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], model: ModelArgs,
         if architecture == "mixtral":
             out.update(_experts_to_mixtral(sd, src, dst, model))
             continue
-        up_w = sd[src + "mlp.dense_h_to_4h.weight"]
-        gate, up = up_w.chunk(2, dim=0)
+        gate, up = split_gated(sd[src + "mlp.dense_h_to_4h.weight"])
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
         out[dst + "mlp.down_proj.weight"] = sd[src + "mlp.dense_4h_to_h.weight"]
         if model.use_bias_in_mlp:
-            gate_b, up_b = sd[src + "mlp.dense_h_to_4h.bias"].chunk(2, dim=0)
+            gate_b, up_b = split_gated(sd[src + "mlp.dense_h_to_4h.bias"])
             out[dst + "mlp.gate_proj.bias"], out[dst + "mlp.up_proj.bias"] = gate_b, up_b
             out[dst + "mlp.down_proj.bias"] = sd[src + "mlp.dense_4h_to_h.bias"]
     final = "final_layer_norm." if neox else "norm."
@@ -468,12 +468,12 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], model: ModelArgs,
         if architecture == "mixtral":
             out.update(_experts_from_mixtral(hf_sd, src, dst, model))
             continue
-        out[dst + "mlp.dense_h_to_4h.weight"] = torch.cat(
-            [_get(hf_sd, src + "mlp.gate_proj.weight"), _get(hf_sd, src + "mlp.up_proj.weight")])
+        out[dst + "mlp.dense_h_to_4h.weight"] = fuse_gated(
+            _get(hf_sd, src + "mlp.gate_proj.weight"), _get(hf_sd, src + "mlp.up_proj.weight"))
         out[dst + "mlp.dense_4h_to_h.weight"] = _get(hf_sd, src + "mlp.down_proj.weight")
         if model.use_bias_in_mlp:
-            out[dst + "mlp.dense_h_to_4h.bias"] = torch.cat(
-                [_get(hf_sd, src + "mlp.gate_proj.bias"), _get(hf_sd, src + "mlp.up_proj.bias")])
+            out[dst + "mlp.dense_h_to_4h.bias"] = fuse_gated(
+                _get(hf_sd, src + "mlp.gate_proj.bias"), _get(hf_sd, src + "mlp.up_proj.bias"))
             out[dst + "mlp.dense_4h_to_h.bias"] = _get(hf_sd, src + "mlp.down_proj.bias")
     final = base + ("final_layer_norm." if neox else "norm.")
     out["final_norm.weight"] = _get(hf_sd, final + "weight")

@@ -4,9 +4,11 @@ Plain: ``gelu`` (exact, erf-based; ``openai_gelu``, and in the dense MLP ``bias_
 as in GPT-NeoX, select the tanh approximation), ``relu``,
 ``silu`` / ``swish``, ``mish``, ``softsign``.
 
-Gated (Shazeer, "GLU Variants Improve Transformer"): the up projection produces two halves
-``[gate; up]`` and the MLP computes ``act(gate) * up`` with ``act`` = GeLU (``geglu``), SiLU
-(``swiglu``), ReLU (``reglu``), identity (``bilinear``) or sigmoid (``glu``).
+Gated (Shazeer, "GLU Variants Improve Transformer"): the first projection produces two halves
+``[up; gate]`` (GPT-NeoX's order) and the MLP computes ``act(gate) * up`` with ``act`` = GeLU
+(``geglu``), SiLU (``swiglu``), ReLU (``reglu``), identity (``bilinear``) or sigmoid (``glu``).
+:func:`fuse_gated` / :func:`split_gated` convert between the fused weight (or bias) and its
+two halves, for checkpoint conversion.
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ def tanh_gelu(model: Any) -> bool:
 
 def is_gated(activation: str) -> bool:
     return activation in GATED_ACTIVATIONS
+
+
+def gated_activation(h: torch.Tensor, act: Activation) -> torch.Tensor:
+    """``act(gate) * up`` for ``h = [up; gate]`` along the last dimension."""
+    up, gate = h.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def fuse_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The dense MLP's fused first-projection weight (or bias) from its halves (rows)."""
+    return torch.cat([up, gate], dim=0)
+
+
+def split_gated(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate, up)`` halves (rows) of the dense MLP's fused first-projection weight or bias."""
+    up, gate = fused.chunk(2, dim=0)
+    return gate, up
 
 
 def activation_function(activation: str, *, openai_gelu: bool = False) -> Activation:

@@ -25,7 +25,7 @@ InitMethod = Literal[
     "xavier_normal", "wang_init", "small_init", "single_residual_scaled_normal",
 ]  # fmt: skip
 
-#: Activations whose up projection has two halves ``[gate; up]`` (``act(gate) * up``).
+#: Activations whose first projection has two halves ``[up; gate]`` (``act(gate) * up``).
 GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "bilinear", "glu")
 
 #: The attention types an ``attention_config`` entry may name: ``global`` (causal attention over
@@ -192,7 +192,8 @@ class ModelArgs:
                                           unsupported="soft prompt tuning is not supported")
     mlp_type: Literal["regular", "llama"] = key(
         "regular", "Legacy switch: 'llama' means a SwiGLU MLP without biases, whose "
-        "intermediate_size is the width of each half (GPT-NeoX's former Llama MLP).")
+        "intermediate_size is the width of each half; without intermediate_size each half is "
+        "8/3 x hidden_size rounded up to a multiple of 256 (GPT-NeoX's former Llama MLP).")
     # --- layers without attention (attention_config types mamba, rwkv, gmlp, amlp); docs/ssm.md
     mamba_selective_scan_fusion: bool = key(
         False, "Mamba layers: run the selective scan with mamba_ssm's fused kernel (GPU with "
@@ -314,15 +315,20 @@ def mlp_projection_widths(model: ModelArgs, activation: str) -> tuple[int, int]:
     return first, second
 
 
-def legacy_llama_width(model: ModelArgs) -> int:
-    """Per-half width of ``mlp_type: llama`` MLPs and of mixture-of-experts experts:
-    ``intermediate_size`` as is, else ``8/3 x hidden_size`` rounded up to ``mlp_multiple_of``
-    (``4 x hidden_size`` for plain activations)."""
+#: What GPT-NeoX's legacy Llama MLP (``mlp_type: llama``) rounds its width to.
+LEGACY_LLAMA_MULTIPLE_OF = 256
+
+
+def legacy_llama_width(model: ModelArgs, multiple_of: int = LEGACY_LLAMA_MULTIPLE_OF) -> int:
+    """Per-half width of ``mlp_type: llama`` MLPs, GPT-NeoX's rule: ``intermediate_size`` as
+    is, else ``8/3 x hidden_size`` rounded up to a multiple of 256 whatever
+    ``mlp_multiple_of`` says (``4 x hidden_size`` for plain activations). Mixture-of-experts
+    experts (:func:`moe_expert_width`) round to ``mlp_multiple_of`` instead."""
     if model.intermediate_size is not None:
         return model.intermediate_size
     assert model.hidden_size is not None
     if model.activation in GATED_ACTIVATIONS:
-        multiple = max(1, model.mlp_multiple_of)
+        multiple = max(1, multiple_of)
         return multiple * -(-int(2 * 4 * model.hidden_size / 3) // multiple)
     return 4 * model.hidden_size
 
@@ -342,8 +348,9 @@ def mlp_width(model: ModelArgs, activation: str) -> int:
 
 def moe_expert_width(model: ModelArgs) -> int:
     """Width of one mixture-of-experts expert (each half when gated): ``intermediate_size`` as
-    is, as GPT-NeoX's grouped expert MLPs take it (:func:`legacy_llama_width`)."""
-    return legacy_llama_width(model)
+    is, as GPT-NeoX's grouped expert MLPs take it, else ``8/3 x hidden_size`` rounded up to
+    ``mlp_multiple_of`` (``4 x hidden_size`` for plain activations)."""
+    return legacy_llama_width(model, model.mlp_multiple_of)
 
 
 # widths of the layers without attention (docs/ssm.md)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from megatron.model.args import ModelArgs, attention_layer_types
@@ -36,7 +37,12 @@ from megatron.model.norms import norm_spec
 from megatron.model.positional import RelativePositionBias, RotaryEmbedding
 from megatron.model.rwkv import RWKVLayer
 from megatron.model.transformer import TransformerLayer
-from megatron.parallel.random import RNGStatesTracker, checkpoint
+from megatron.parallel.activation_checkpointing import (
+    ActivationCheckpointing,
+    checkpoint,
+    ensure_configured,
+)
+from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
 
 # ----------------------------------------------------------------------------- build
@@ -166,40 +172,58 @@ def run_blocks(
     steps: Sequence[tuple[PipeEntry, Step]],
     act: Activations,
     *,
-    checkpoint_layers: int = 0,
     tracker: RNGStatesTracker | None = None,
+    checkpointing: ActivationCheckpointing | None = None,
 ) -> Activations:
     """Run ``steps`` in order.
 
-    With ``checkpoint_layers > 0`` every run of that many consecutive transformer layers
-    (together with the T5 bias steps in front of them) is checkpointed: its activations are
-    recomputed in backward instead of kept, replaying the tracker's dropout streams.
+    With ``checkpointing`` (``layers > 0``) every run of that many consecutive transformer
+    layers (together with the T5 bias steps in front of them) is checkpointed through
+    DeepSpeed (:mod:`megatron.parallel.activation_checkpointing`): only the chunk's inputs are
+    kept, and its activations are recomputed in backward, replaying the tracker's dropout
+    streams.
     """
-    if checkpoint_layers <= 0:
+    if checkpointing is None or checkpointing.layers <= 0:
         for _, step in steps:
             act = step(act)
         return act
-
-    def run_chunk(chunk: list[Step], act: Activations) -> Activations:
-        for step in chunk:
-            act = step(act)
-        return act
+    ensure_configured(checkpointing.settings, checkpointing.state or ParallelState.single())
 
     chunk: list[Step] = []
     layers = 0
     for entry, step in steps:
         if entry.kind not in ("rpe", "layer"):
             if chunk:
-                act = checkpoint(run_chunk, tracker, chunk, act)
+                act = checkpoint_chunk(chunk, act, tracker)
                 chunk, layers = [], 0
             act = step(act)
             continue
         chunk.append(step)
         if entry.kind == "layer":
             layers += 1
-            if layers == checkpoint_layers:
-                act = checkpoint(run_chunk, tracker, chunk, act)
+            if layers == checkpointing.layers:
+                act = checkpoint_chunk(chunk, act, tracker)
                 chunk, layers = [], 0
     if chunk:
-        act = checkpoint(run_chunk, tracker, chunk, act)
+        act = checkpoint_chunk(chunk, act, tracker)
     return act
+
+
+def checkpoint_chunk(chunk: Sequence[Step], act: Activations,
+                     tracker: RNGStatesTracker | None) -> Activations:
+    """Run ``chunk`` checkpointed. DeepSpeed sees the tensors of ``act`` (hidden states,
+    positions, and the mask and T5 bias where set); the chunk hands on its hidden states (the T5
+    bias is recomputed by the bias step in front of every layer)."""
+    inputs = act.inputs
+    optional = {"attention_mask": inputs.attention_mask, "position_bias": inputs.position_bias}
+    present = [name for name, value in optional.items() if value is not None]
+
+    def run(x: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        fields = {"position_ids": position_ids, **dict(zip(present, rest))}
+        out = Activations(x, dataclasses.replace(inputs, **fields), act.kv_cache)
+        for step in chunk:
+            out = step(out)
+        return out.x
+
+    x = checkpoint(run, tracker, act.x, inputs.position_ids, *(optional[n] for n in present))
+    return act.with_x(x)

@@ -40,6 +40,7 @@ from megatron.model.layout import (
     seeded_init,
 )
 from megatron.model.positional import RelativePositionBias
+from megatron.parallel.activation_checkpointing import ActivationCheckpointing
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron.parallel.layers import register_sequence_parallel_grad_hooks
 from megatron.parallel.mappings import gather_from_tp_region
@@ -159,9 +160,9 @@ class GPTModel(nn.Module):
         self.tracker = tracker
         self.sequence_parallel = sp
         self.padded_vocab_size = padded_vocab_size
-        self.checkpoint_num_layers = (
-            act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
-        )
+        self.checkpointing = ActivationCheckpointing.from_config(
+            act_ckpt, model.num_layers, state, sequence_parallel=sp)
+        self.checkpoint_num_layers = self.checkpointing.layers
         self.plan = layer_plan(model)
         self.attention_types = attention_layer_types(model.attention_config, model.num_layers)
         specs = block_specs(model, padded_vocab_size=padded_vocab_size, state=state,
@@ -269,7 +270,7 @@ class GPTModel(nn.Module):
         recompute = self.training and kv_cache is None and torch.is_grad_enabled()
         steps = self.steps()
         act = run_blocks(steps[:-1] if hidden_only else steps, act, tracker=self.tracker,
-                         checkpoint_layers=self.checkpoint_num_layers if recompute else 0)
+                         checkpointing=self.checkpointing if recompute else None)
         if kv_cache is not None:
             kv_cache.length = start + s
         return act.x.transpose(0, 1) if hidden_only else act.x

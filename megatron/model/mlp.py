@@ -1,10 +1,12 @@
 """The transformer MLP: up projection, activation, down projection.
 
 Width ``ffn`` from :func:`~megatron.model.args.mlp_width` (per half for gated
-activations). Gated activations use one fused up projection whose full weight is
-``[gate; up]`` (``2 * ffn`` rows; Hugging Face Llama's ``gate_proj`` then ``up_proj``), split
-with ``partition_stride=2`` so every tensor-parallel rank holds matching halves of both and
-computes ``act(gate) * up`` locally.
+activations). Gated activations use one fused first projection in GPT-NeoX's layout: its full
+weight is ``[up; gate]`` (``2 * ffn`` rows; Hugging Face Llama's ``up_proj`` then
+``gate_proj``) and the MLP computes ``act(gate) * up``
+(:func:`~megatron.model.activations.gated_activation`). It is split with
+``partition_stride=2``, so tensor-parallel rank ``r`` holds ``[up_r; gate_r]``, as each rank of
+a GPT-NeoX model does.
 
 ``bias_gelu_fusion`` (plain GeLU only) adds the up-projection bias inside the activation call
 instead of inside the linear layer and, as GPT-NeoX's fused bias-GeLU kernel does, uses the tanh
@@ -18,7 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron.model.activations import activation_function, is_gated, tanh_gelu
+from megatron.model.activations import (
+    activation_function,
+    gated_activation,
+    is_gated,
+    tanh_gelu,
+)
 from megatron.model.args import ModelArgs, mlp_width
 from megatron.model.init_methods import InitFn
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -59,8 +66,7 @@ class MLP(nn.Module):
         """``x [s, b, h]`` -> ``(output [s, b, h], bias to add or None)``."""
         h = self.dense_h_to_4h(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
+            h = gated_activation(h, self.act)
         elif self.bias_in_activation:
             bias = self.dense_h_to_4h.output_bias
             assert bias is not None

@@ -15,8 +15,9 @@ One forward pass over this rank's tokens ``x [s, b, h]`` (``T = s * b`` tokens):
    ``torch._grouped_mm`` with ``moe_grouped_gemm`` where the device has it);
 5. the outputs, weighted by the router, are summed back into each token's row.
 
-Expert weights follow the dense MLP's layout: ``w_in [E_local, ffn (x2 when gated), h]``
-(``[gate; up]`` halves for gated activations) and ``w_out [E_local, h, ffn]``. With
+Expert weights: ``w_in [E_local, ffn (x2 when gated), h]`` (``[gate; up]`` halves for gated
+activations, the order of Hugging Face's fused expert ``gate_up_proj``, unlike the dense MLP's
+GPT-NeoX order ``[up; gate]``) and ``w_out [E_local, h, ffn]``. With
 ``enable_expert_tensor_parallelism`` (GPT-NeoX's switch) they are split over the
 tensor-parallel group like the dense MLP (``ffn / tp``, ``w_in`` with stride 2) and the partial
 outputs are summed over that group; by default (GPT-NeoX's too) every tensor-parallel rank

@@ -58,6 +58,7 @@ from megatron.model.gpt import check_model_args, lm_loss, plain_causal_to_none
 from megatron.model.layout import Activations, PipeEntry, Step, pipeline_layout, preserved_rng
 from megatron.model.positional import RelativePositionBias
 from megatron.model.transformer import TransformerLayer
+from megatron.parallel.activation_checkpointing import ActivationCheckpointing
 from megatron.parallel.layers import register_sequence_parallel_grad_hooks
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
@@ -105,8 +106,9 @@ class PipelineLMLoss:
 
 class GPTPipelineModule(PipelineModule):
     """``PipelineModule`` over the GPT blocks: runs this stage's blocks like
-    :class:`~megatron.model.gpt.GPTModel` runs all of them (``checkpoint_layers`` transformer
-    layers per checkpointed chunk, ``tracker`` replaying dropout on recompute)."""
+    :class:`~megatron.model.gpt.GPTModel` runs all of them (``checkpointing``: how many
+    transformer layers per checkpointed chunk, and DeepSpeed's settings; ``tracker`` replaying
+    dropout on recompute)."""
 
     def __init__(
         self,
@@ -115,13 +117,13 @@ class GPTPipelineModule(PipelineModule):
         model: ModelArgs,
         state: ParallelState,
         tracker: RNGStatesTracker | None = None,
-        checkpoint_layers: int = 0,
+        checkpointing: ActivationCheckpointing | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(layers=layers, **kwargs)
         self.parallel_state = state
         self.tracker = tracker
-        self.checkpoint_layers = checkpoint_layers
+        self.checkpointing = checkpointing
         layout = pipeline_layout(model)
         self.steps: list[tuple[PipeEntry, Step]] = [
             (layout[index], block_step(layout[index], self._block(index)))
@@ -139,7 +141,7 @@ class GPTPipelineModule(PipelineModule):
         act = activations_from_pipeline(inputs, first=self._local_start == 0)
         recompute = self.training and torch.is_grad_enabled()
         act = run_blocks(self.steps, act, tracker=self.tracker,
-                         checkpoint_layers=self.checkpoint_layers if recompute else 0)
+                         checkpointing=self.checkpointing if recompute else None)
         if self._local_stop == len(self._layer_specs):
             return act.x  # the logits, for loss_fn
         return activations_to_pipeline(act)
@@ -282,10 +284,12 @@ def build_pipeline_model(
     sp = state.sequence_parallel if sequence_parallel is None else sequence_parallel
     specs = pipeline_layer_specs(model, padded_vocab_size=padded_vocab_size, state=state,
                                  tracker=tracker, sequence_parallel=sp, init_seed=init_seed)
-    chunk = act_ckpt.checkpoint_num_layers if act_ckpt.checkpoint_activations else 0
+    assert model.num_layers is not None
+    checkpointing = ActivationCheckpointing.from_config(
+        act_ckpt, model.num_layers, state, sequence_parallel=sp and state.tp_size > 1)
     with preserved_rng(init_seed is not None):
         module = GPTPipelineModule(
-            specs, model=model, state=state, tracker=tracker, checkpoint_layers=chunk,
+            specs, model=model, state=state, tracker=tracker, checkpointing=checkpointing,
             topology=state.topology.to_deepspeed(),
             loss_fn=loss_fn or PipelineLMLoss(state, fp32=not model.fp16_lm_cross_entropy),
             partition_method=parallelism.pipe_partition_method,

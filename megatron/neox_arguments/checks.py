@@ -469,10 +469,51 @@ def _scheduler(cfg: NeoXConfig, loc: Locator) -> None:
             "lr_decay_iters and min_lr: remove the block"))
 
 
+def _act_ckpt(cfg: NeoXConfig, loc: Locator) -> None:
+    a = cfg.act_ckpt
+    if a.deepspeed_activation_checkpointing and a.contiguous_checkpointing \
+            and not a.partition_activations:
+        raise loc.error("contiguous_checkpointing", "partition_activations", message=(
+            "contiguous_checkpointing needs partition_activations: DeepSpeed keeps only "
+            "partitioned checkpoints in contiguous buffers"))
+
+
+#: The keys that configure DeepSpeed's activation checkpointing.
+DEEPSPEED_CHECKPOINT_KEYS = ("partition_activations", "checkpoint_in_cpu",
+                             "contiguous_checkpointing", "synchronize_each_layer",
+                             "profile_backward")
+
+
+def act_ckpt_warnings(cfg: NeoXConfig, gpu: bool) -> list[str]:
+    """Activation-checkpointing keys that are set but change nothing in this run."""
+    a = cfg.act_ckpt
+    set_keys = [k for k in DEEPSPEED_CHECKPOINT_KEYS if getattr(a, k)]
+    if not set_keys:
+        return []
+    keys = ", ".join(set_keys)
+    if not a.checkpoint_activations:
+        return [f"{keys}: no effect without checkpoint_activations (nothing is checkpointed)"]
+    if not a.deepspeed_activation_checkpointing:
+        return [f"{keys}: no effect with deepspeed_activation_checkpointing: false "
+                "(DeepSpeed's checkpointing runs unconfigured, as in GPT-NeoX)"]
+    out = []
+    if a.partition_activations and cfg.parallelism.sequence_parallel \
+            and cfg.parallelism.model_parallel_size > 1:
+        out.append("partition_activations: the checkpointed activations are already split "
+                   "over the tensor-parallel ranks by sequence_parallel; not split again"
+                   + (" (so contiguous_checkpointing has nothing to hold either)"
+                      if a.contiguous_checkpointing else ""))
+    elif a.checkpoint_in_cpu and not a.partition_activations and not gpu:
+        out.append("checkpoint_in_cpu: on CPU ranks the checkpoints are in host memory "
+                   "already; nothing is moved")
+    return out
+
+
 def check_config(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     """Raise ConfigError for anything that is wrong wherever the job runs."""
     _ranges(cfg, loc)
     _scheduler(cfg, loc)
+    _act_ckpt(cfg, loc)
     check_values(cfg, loc, purpose)
     _model(cfg, loc)
     _parallel(cfg, loc)

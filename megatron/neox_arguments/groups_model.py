@@ -39,24 +39,34 @@ class ParallelismArgs:
 
 @dataclass(frozen=True)
 class ActivationCheckpointArgs:
+    """Activation checkpointing (recomputation) through DeepSpeed's checkpointing module;
+    see :mod:`megatron.parallel.activation_checkpointing`."""
+
     checkpoint_activations: bool = key(
         False, "Recompute each chunk of layers in the backward pass instead of keeping its "
-        "activations.", origin="Meg")
+        "activations (only the chunk's inputs are kept).", origin="Meg")
     checkpoint_num_layers: int = key(1, "Layers per checkpointed chunk.", origin="Meg")
     deepspeed_activation_checkpointing: bool = key(
-        True, "Use DeepSpeed's activation checkpointing (needed for partitioning and CPU "
-        "checkpointing).", origin="Meg")
+        True, "Configure DeepSpeed's activation checkpointing with partition_activations, "
+        "checkpoint_in_cpu, contiguous_checkpointing, synchronize_each_layer and "
+        "profile_backward; false leaves it unconfigured (those keys then have no effect, as "
+        "in GPT-NeoX).", origin="Meg")
     partition_activations: bool = key(
-        False, "Split checkpointed activations across the tensor-parallel group.", origin="Meg")
-    contiguous_checkpointing: bool = key(False, "Keep checkpoints in contiguous memory.",
-                                         origin="Meg")
-    checkpoint_in_cpu: bool = key(False, "Move activation checkpoints to CPU memory.",
-                                  origin="Meg")
+        False, "Each tensor-parallel rank keeps only its 1/model_parallel_size slice of every "
+        "checkpointed input; the slices are all-gathered for the recomputation. Not applied "
+        "again where sequence_parallel already splits the activations.", origin="Meg")
+    contiguous_checkpointing: bool = key(
+        False, "Copy the partitioned checkpoints into one preallocated buffer per input "
+        "(less fragmentation); needs partition_activations.", origin="Meg")
+    checkpoint_in_cpu: bool = key(
+        False, "Keep the checkpointed inputs in host memory and move them back for the "
+        "recomputation (on CPU ranks they are in host memory anyway).", origin="Meg")
     synchronize_each_layer: bool = key(
-        False, "Synchronize the device at the start and end of each checkpointed layer.",
+        False, "Synchronize the device at the start and end of every checkpointed chunk, "
+        "forward and backward.", origin="Meg")
+    profile_backward: bool = key(
+        False, "Print the forward and backward time of every checkpointed chunk (rank 0).",
         origin="Meg")
-    profile_backward: bool = key(False, "Profile the backward pass of checkpointed layers.",
-                                 origin="Meg")
     distribute_checkpointed_activations: bool = key(
         False, "Megatron name for partition_activations.", origin="Meg")
 

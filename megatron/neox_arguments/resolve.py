@@ -251,6 +251,7 @@ def resolve_config(merged: MergedConfig, facts: RunFacts | None = None) -> NeoXC
     checks.check_config(cfg, loc, facts.purpose)
     checks_services.check_services(cfg, loc)
     warnings += checks.mlp_warnings(cfg)
+    warnings += checks.act_ckpt_warnings(cfg, facts.gpu)
     warnings += checks.check_machine(cfg, loc, facts)
     return dataclasses.replace(cfg, warnings=tuple(warnings))
 

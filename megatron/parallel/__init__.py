@@ -6,6 +6,7 @@ See ``docs/parallelism.md`` for how the pieces fit together.
 
 from __future__ import annotations
 
+from megatron.parallel.activation_checkpointing import checkpoint
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron.parallel.layers import (
     ColumnParallelLinear,
@@ -31,7 +32,6 @@ from megatron.parallel.mappings import (
 from megatron.parallel.random import (
     MODEL_PARALLEL_RNG,
     RNGStatesTracker,
-    checkpoint,
     model_parallel_seed,
 )
 from megatron.parallel.state import ParallelState

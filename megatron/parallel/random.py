@@ -18,11 +18,9 @@ trainer; nothing here is global.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import torch
-import torch.utils.checkpoint
 
 from megatron import accelerator
 from megatron.parallel.state import ParallelState
@@ -119,62 +117,3 @@ def model_parallel_seed(seed: int, state: ParallelState) -> RNGStatesTracker:
     tracker = RNGStatesTracker()
     tracker.add(MODEL_PARALLEL_RNG, default_seed + MODEL_PARALLEL_SEED_OFFSET + state.tp_rank)
     return tracker
-
-
-class _TrackerContext:
-    """Re-enterable context manager running ``on_enter``/``on_exit`` callbacks."""
-
-    def __init__(self, on_enter: Callable[[], None], on_exit: Callable[[], None]) -> None:
-        self._on_enter = on_enter
-        self._on_exit = on_exit
-
-    def __enter__(self) -> None:
-        self._on_enter()
-
-    def __exit__(self, *exc: object) -> None:
-        self._on_exit()
-
-
-def _tracker_contexts(tracker: RNGStatesTracker) -> tuple[_TrackerContext, _TrackerContext]:
-    """Contexts for the checkpointed forward and its recomputation.
-
-    The forward snapshots the tracker's states as they are when the block starts; each
-    recomputation runs from that snapshot and afterwards puts back the states the tracker
-    had reached, so recomputing neither changes the masks nor advances the streams.
-    """
-    snapshot: dict[str, dict[str, torch.Tensor]] = {}
-
-    def take_snapshot() -> None:
-        snapshot["forward"] = tracker.get_states()
-
-    def start_recompute() -> None:
-        snapshot["live"] = tracker.get_states()
-        tracker.set_states(snapshot["forward"])
-
-    def end_recompute() -> None:
-        tracker.set_states(snapshot.pop("live"))
-
-    return _TrackerContext(take_snapshot, lambda: None), _TrackerContext(
-        start_recompute, end_recompute
-    )
-
-
-def checkpoint(function: Callable[..., Any], tracker: RNGStatesTracker | None, *args: Any) -> Any:
-    """Activation checkpointing that also replays the tracker's forked streams.
-
-    Runs ``function(*args)`` without keeping its intermediate activations; they are
-    recomputed in backward. ``torch.utils.checkpoint`` (non-reentrant) restores the default
-    CPU/device RNG for the recomputation; the tracker's named states are restored here, so
-    dropout drawn inside ``tracker.fork()`` produces the same mask on recompute.
-    """
-    if tracker is None:
-        return torch.utils.checkpoint.checkpoint(
-            function, *args, use_reentrant=False, preserve_rng_state=True
-        )
-    return torch.utils.checkpoint.checkpoint(
-        function,
-        *args,
-        use_reentrant=False,
-        preserve_rng_state=True,
-        context_fn=lambda: _tracker_contexts(tracker),
-    )

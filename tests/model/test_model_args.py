@@ -61,12 +61,15 @@ def test_mlp_width_rule() -> None:
     for width in (7, 176, 11008, 14336):
         assert mlp_projection_widths(ModelArgs(hidden_size=8, intermediate_size=3 * width),
                                      "swiglu") == (2 * width, width)
-    # the legacy mlp_type: llama switch and the experts: intermediate_size per half, else
-    # 8/3 x hidden rounded up to mlp_multiple_of
+    # the legacy mlp_type: llama switch: intermediate_size per half, else 8/3 x hidden rounded
+    # up to a multiple of 256 whatever mlp_multiple_of says (GPT-NeoX's LLaMAParallelMLP)
     legacy = {"hidden_size": 48, "mlp_type": "llama", "activation": "swiglu"}
-    assert mlp_width(ModelArgs(**legacy), "swiglu") == 128
-    assert mlp_width(ModelArgs(**legacy, mlp_multiple_of=100), "swiglu") == 200
+    assert mlp_width(ModelArgs(**legacy), "swiglu") == 256
+    assert mlp_width(ModelArgs(**legacy, mlp_multiple_of=100), "swiglu") == 256
     assert mlp_width(ModelArgs(**legacy, intermediate_size=7), "swiglu") == 7
+    assert mlp_width(ModelArgs(**{**legacy, "hidden_size": 4096}), "swiglu") == 11008
+    assert mlp_width(ModelArgs(**{**legacy, "hidden_size": 200}), "swiglu") == 768
+    # the experts: 8/3 x hidden rounded up to mlp_multiple_of
     assert moe_expert_width(ModelArgs(hidden_size=48, intermediate_size=7,
                                       activation="swiglu")) == 7
     assert moe_expert_width(ModelArgs(hidden_size=48, activation="swiglu")) == 128

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from megatron.parallel.activation_checkpointing import checkpoint
 from megatron.parallel.random import (
     MODEL_PARALLEL_RNG,
     RNGStatesTracker,
-    checkpoint,
     model_parallel_seed,
 )
 from megatron.parallel.state import ParallelState
