@@ -205,7 +205,8 @@ class ModelArgs:
         False, "Mamba layers: run everything after the input projection with mamba_ssm's fused "
         "inner function (supersedes the scan and conv fusions; GPU with the package only).")
     mamba_selective_fp32_params: bool = key(
-        True, "Mamba layers: keep A_log and D in fp32 (the scan itself always runs in fp32).")
+        True, "Mamba layers: keep A_log and D in fp32 (the scan itself always runs in fp32). "
+        "With bf16/fp16 training only false is accepted: DeepSpeed casts every parameter.")
     mamba_use_bias_in_conv: bool = key(True, "Mamba layers: bias in the causal convolution.")
     mamba_use_bias_in_linears: bool = key(
         False, "Mamba layers: biases in the in/x/out projections (not with "
@@ -253,7 +254,9 @@ class ModelArgs:
     moe_min_capacity: int = key(4, "With token dropping: the least capacity of an expert.")
     moe_type: Literal["megablocks", "deepspeed"] = key(
         "megablocks", "GPT-NeoX's MoE implementation switch; both select this framework's MoE "
-        "block (dropping is moe_token_dropping).")
+        "block (dropping is moe_token_dropping).",
+        hint="both values select the same MoE block here (routing and dropping follow the "
+        "moe_* keys), so the implementation switch changes nothing")
     moe_grouped_gemm: bool = key(
         False, "Run the experts' matmuls through torch._grouped_mm where the device supports "
         "it (same numbers as the default per-expert loop).", origin="Meg")

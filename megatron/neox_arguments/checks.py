@@ -198,6 +198,12 @@ def _mixer_layers(cfg: NeoXConfig, loc: Locator, kinds: set[str]) -> None:
             raise loc.error("mamba_inner_func_fusion", "mamba_use_bias_in_linears", message=(
                 "the fused Mamba inner function has no biases in its projections; turn one of "
                 "the two off"))
+        if m.mamba_selective_fp32_params and cfg.precision.precision in ("bfloat16", "fp16"):
+            raise loc.error("mamba_selective_fp32_params", "precision", message=(
+                f"A_log and D cannot stay fp32 parameters in {cfg.precision.precision} "
+                "training here: DeepSpeed's engine casts every parameter to the training dtype "
+                "(it keeps only buffers in fp32); set mamba_selective_fp32_params: false (they "
+                "train with fp32 master weights and the scan runs in fp32)"))
         inner = int((m.expansion_factor or 2) * m.hidden_size)
         if inner % mp:
             raise loc.error("expansion_factor", "model_parallel_size", message=(

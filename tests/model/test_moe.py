@@ -247,3 +247,38 @@ def test_moe_model_in_the_eval_adapter_and_kv_cache() -> None:
     both = NeoXEvalAdapter(gen, tok, batch_size=2).loglikelihood(requests)
     for (a, _), (b, _) in zip(one, both):
         assert a == pytest.approx(b, abs=1e-5) and a < 0
+
+
+def test_router_keys_jitter_fp32_losses_eval_capacity_and_grouped_gemm() -> None:
+    """moe_jitter_eps, moe_lbl_in_fp32, moe_eval_capacity_factor and moe_grouped_gemm as the
+    block uses them."""
+    x = torch.randn(8, 2, 16)
+    tokens = x.reshape(-1, 16)
+    # jitter: training logits come from the input times noise in [1 - eps, 1 + eps]; none in eval
+    router = _block(moe_jitter_eps=0.9).router
+    torch.manual_seed(1)
+    jittered = router(tokens)
+    torch.manual_seed(1)
+    noise = torch.empty_like(tokens).uniform_(0.1, 1.9)
+    plain = _block().router
+    assert torch.equal(jittered.experts, plain(tokens * noise).experts)
+    assert not torch.equal(jittered.experts, plain(tokens).experts)
+    router.eval()
+    assert torch.equal(router(tokens).experts, plain(tokens).experts)
+    # auxiliary losses from bf16 logits: fp32 softmax with moe_lbl_in_fp32, bf16 without
+    coeffs = {"moe_aux_loss_coeff": 1.0, "moe_z_loss_coeff": 1.0}
+    low = _block(**coeffs).router.to(torch.bfloat16)
+    high = _block(moe_lbl_in_fp32=True, **coeffs).router.to(torch.bfloat16)
+    bf16 = tokens.to(torch.bfloat16)
+    logits = torch.nn.functional.linear(bf16, high.weight).float()
+    assert_close(high(bf16).z_loss, torch.logsumexp(logits, -1).square().mean())
+    assert not torch.equal(low(bf16).z_loss, high(bf16).z_loss)
+    # token dropping outside training uses the eval capacity factor
+    block = _block(moe_token_dropping=True, moe_train_capacity_factor=4.0,
+                   moe_eval_capacity_factor=0.25, moe_min_capacity=1, moe_top_k=1)
+    assert block.capacity(16) == 16
+    block.eval()
+    assert block.capacity(16) == 1
+    # the grouped-gemm switch computes the same block output
+    fused = _block(moe_grouped_gemm=True)
+    assert fused.fused and torch.equal(fused(x)[0], _block()(x)[0])

@@ -223,11 +223,19 @@ def test_mamba_tensor_parallel_matches_one_rank() -> None:
     ({"attention_config": [[["rwkv"], 2]], "hidden_size": 48, "num_attention_heads": 4},
      "hidden_size: RWKV layers need a multiple of 32, got 48"),
     ({"attention_config": [[["rwkv"], 2]], "head_size": 4}, "head_size 4 x num_attention_heads"),
+    ({"attention_config": [[["mamba"], 2]], "bf16": {"enabled": True}},
+     "mamba_selective_fp32_params: A_log and D cannot stay fp32 parameters in bfloat16"),
 ])  # fmt: skip
 def test_config_refusals(overrides: dict[str, Any], message: str) -> None:
     world = overrides.get("model_parallel_size", 1)
     with pytest.raises(ConfigError, match=message):
         make_config(world_size=world, **overrides)
+
+
+def test_mamba_in_bf16_trains_with_selective_fp32_params_off() -> None:
+    cfg = make_config(attention_config=[[["mamba"], 2]], bf16={"enabled": True},
+                      mamba_selective_fp32_params=False)
+    assert cfg.model.mamba_selective_fp32_params is False
 
 
 def test_default_type_partition_balances_layers_without_attention() -> None:
