@@ -83,3 +83,23 @@ def pairwise_values(train: dict[str, str], valid: dict[str, str]) -> dict[str, o
         "pos_valid_label_data_paths": [valid["pos_label"]],
         "neg_valid_label_data_paths": [valid["neg_label"]],
     }
+
+
+CHATML = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
+          "+ '\\n' }}{% endfor %}")
+
+
+def write_chat(directory: Path, name: str, count: int, seed: int) -> dict[str, str]:
+    """SFT data: one user turn (the prompt) and one assistant turn (the real continuation)
+    through a ChatML-like template; only the assistant turn is labelled."""
+    from megatron.data.preprocess.post_training import ChatTemplate, chat_tokens
+
+    tok = build_tokenizer("CharLevelTokenizer")
+    template = ChatTemplate("chatml", CHATML)
+    w = LabeledWriter(str(directory / name), "messages", tok.vocab_size, False)
+    for prompt, chosen, _ in preference_pairs(count, seed):
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": chosen}]
+        w.add(*chat_tokens(messages, template, tok, append_eod=True))
+    w.finalize()
+    return {"data": w.prefixes["text"], "label": w.prefixes["label"]}
