@@ -135,21 +135,21 @@ def test_dpo_raises_margin_and_held_out_accuracy(pairs):
 
 @pytest.fixture(scope="module")
 def short_pairs(tmp_path_factory) -> dict[str, Any]:
-    """Prompts and completions of 10 characters: the reward is read at one position (GPT-NeoX's
-    reward), which must gather the whole completion; shorter ones let a tiny model learn it
-    within the test's few hundred steps."""
+    """Real 16-character snippets over their characters shuffled, without a prompt: the
+    reward is read at one position (GPT-NeoX's reward), whose attention must gather the whole
+    text; short texts let the tiny model learn that within the test's few hundred steps."""
     d = tmp_path_factory.mktemp("short_pairs")
-    chars = {"prompt_chars": 10, "completion_chars": 10}
+    chars = {"prompt_chars": 0, "completion_chars": 16}
     return pairwise_values(write_pairwise(d, "train", 8000, 11, **chars),
                            write_pairwise(d, "valid", 128, 12, **chars))
 
 
 def test_reward_model_ranks_held_out_pairs(short_pairs):
     # as usual for reward models, start from a language model fine-tuned on the chosen side
-    common = {"seq": 24, "valid_pairs": 128}
+    common = {"seq": 20, "valid_pairs": 128}
     sft, sft_history, _, _ = _train("normal", short_pairs, steps=80, lr=3e-3, **common)
     assert sft_history[-1]["loss"] < sft_history[0]["loss"] - 1.0
-    _, history, before, after = _train("rm", short_pairs, steps=500, lr=1e-3, start=sft,
+    _, history, before, after = _train("rm", short_pairs, steps=300, lr=1e-3, start=sft,
                                        **common)
     assert before["rewards_accuracy"] < 0.9  # the head starts untrained
     first = sum(h["loss"] for h in history[:10]) / 10
