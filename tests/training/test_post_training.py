@@ -231,3 +231,31 @@ def test_precomputed_reference_equals_the_frozen_copy(tmp_path):
     assert abs(float(loss_live.detach()) - float(loss_stored.detach())) < 1e-6
     for k in ("rewards_chosen", "rewards_rejected", "kl_chosen"):
         assert abs(float(m_live[k]) - float(m_stored[k])) < 1e-6
+
+
+def test_reward_read_position_and_z_loss_are_gpt_neox_s(pairs):
+    """rm: the reward is the head's value at the last trained position; with z_loss the loss
+    adds z_loss * mean(r_chosen^2 + r_rejected^2)."""
+    state = ParallelState.single()
+    cfg, plain = _config(train_impl="rm", z_loss=0.5, **pairs), _config(train_impl="rm", **pairs)
+    model = _model(cfg, state)
+    torch.manual_seed(0)
+    attach_reward_head(model, cfg)
+    train, _, _ = build_post_training_datasets(
+        cfg.data, cfg.posttrain, seq_length=SEQ, seed=3, train_val_test_num_samples=[8, 8, 0])
+    batch = next(_batches(train, cfg, 4))
+    with torch.no_grad():
+        loss, metrics = Objective(cfg, state).loss(model, batch)
+        base, base_metrics = Objective(plain, state).loss(model, batch)
+        hidden = model(batch.tokens, hidden_only=True, position_ids=batch.position_ids,
+                       attention_mask=batch.attention_mask)
+    rows = torch.arange(8)
+    last = (batch.loss_mask > 0).float().cumsum(-1).argmax(-1)  # the last trained position
+    rewards = model.reward_head(hidden[rows, last])
+    # the reward is read where the last labelled token (the end of document) is predicted
+    assert float((rewards[:4] - rewards[4:]).mean()) == pytest.approx(
+        float(base_metrics["rewards_margin"]), rel=1e-5, abs=1e-6)
+    z = (rewards[:4].square() + rewards[4:].square()).mean()
+    assert float(metrics["z_loss"]) == pytest.approx(float(z), rel=1e-5)
+    assert float(loss) == pytest.approx(float(base) + 0.5 * float(z), rel=1e-5)
+    assert float(z) > 0
