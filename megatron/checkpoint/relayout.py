@@ -479,8 +479,11 @@ def _set_zero3_part(zero_opt: Any, param: Any, local: torch.Tensor, key: str | N
 
 
 def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path, *,
-                     with_optim: bool) -> None:
-    """Give every parameter of ``engine`` (built at ``run``'s layout) its part of ``full``."""
+                     with_optim: bool, fresh_prefixes: tuple[str, ...] = (),
+                     fresh_names: list[str] | None = None) -> None:
+    """Give every parameter of ``engine`` (built at ``run``'s layout) its part of ``full``;
+    a parameter under ``fresh_prefixes`` that ``full`` lacks keeps its initial value (its
+    name is added to ``fresh_names``)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     rules = split_rules(run.model) if run.layout.tp > 1 else {}
@@ -492,6 +495,10 @@ def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path
     seen: set[str] = set()
     for ds_name, param in engine.module.named_parameters():
         name = _gpt_name(ds_name, run)
+        if name not in full.weights and fresh_prefixes and name.startswith(fresh_prefixes):
+            if fresh_names is not None:
+                fresh_names.append(name)
+            continue
         if name not in full.weights:
             raise CheckpointError(f"{tag_dir}: {name} is missing from the checkpoint "
                                   "(config/architecture mismatch)")
@@ -532,7 +539,9 @@ def apply_full_state(engine: Any, full: FullState, run: RunLayout, tag_dir: Path
 
 
 def load_at_new_layout(engine: Any, tag_dir: Path, saved: SavedLayout, run: RunLayout, *,
-                       load_optimizer: bool, log: Callable[[str], None]) -> dict[str, Any]:
+                       load_optimizer: bool, log: Callable[[str], None],
+                       fresh_prefixes: tuple[str, ...] = (),
+                       fresh_names: list[str] | None = None) -> dict[str, Any]:
     """Load ``tag_dir`` (written at ``saved``'s layout) into ``engine`` (``run``'s layout);
     returns the client state."""
     if run.rank == 0 and saved.layout != run.layout:
@@ -540,7 +549,8 @@ def load_at_new_layout(engine: Any, tag_dir: Path, saved: SavedLayout, run: RunL
             f"{run.layout.describe()}: resharding the model"
             f"{' and optimizer' if load_optimizer else ''} state")
     full = read_full_state(tag_dir, saved, run.model, with_optim=load_optimizer)
-    apply_full_state(engine, full, run, tag_dir, with_optim=load_optimizer)
+    apply_full_state(engine, full, run, tag_dir, with_optim=load_optimizer,
+                     fresh_prefixes=fresh_prefixes, fresh_names=fresh_names)
     client = full.client_state
     if "iteration" in client:
         engine.global_steps = int(client["iteration"])

@@ -20,9 +20,10 @@ error naming the file, and reads every file with ``weights_only=True``
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,9 @@ class LoadOptions:
     finetune: bool = False
     layout: RunLayout | None = None  # the running layout; a different one reshards on load
     iteration: int | None = None
+    # parameters a finetune start may lack (they keep their initial values): the reward
+    # model's head when it starts from a language model
+    fresh_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -337,14 +341,26 @@ def load_checkpoint(
     saved, run = read_layout(tag_dir), options.layout
     if saved is not None and run is not None:
         check_model_shape(tag_dir, saved, run.shape)
+    fresh = options.fresh_prefixes
+    fresh_names: list[str] = []
     if saved is not None and run is not None and (
             saved.layout != run.layout or saved.layout.ep > 1):  # expert shards: relayout
         client_state = load_at_new_layout(engine, tag_dir, saved, run,
-                                          load_optimizer=load_optimizer, log=log)
+                                          load_optimizer=load_optimizer, log=log,
+                                          fresh_prefixes=fresh, fresh_names=fresh_names)
         rng_rank = rng_source_rank(saved, run)
     else:
-        client_state = _load_same_layout(engine, load_dir, tag, load_optimizer, module_only)
+        with _tolerate_fresh(engine, tag_dir, fresh, fresh_names):
+            client_state = _load_same_layout(engine, load_dir, tag, load_optimizer, module_only)
         rng_rank = _rank()
+    if fresh_names:
+        if not module_only:
+            raise CheckpointError(
+                f"{tag_dir}: {fresh_names[0]} is missing from the checkpoint (a language "
+                "model's): start from it with finetune: true")
+        if _rank() == 0:
+            log(f"{tag_dir} has no {', '.join(sorted({n.split('.')[0] for n in fresh_names}))}"
+                ": it starts freshly initialised")
     client_state = dict(client_state or {})
     if options.load_rng and not module_only:
         rng_file = tag_dir / "rng" / f"rank_{rng_rank:05d}.pt"
@@ -355,6 +371,38 @@ def load_checkpoint(
     iteration = 0 if module_only else int(client_state.get("iteration", manifest["iteration"]))
     log(f"loaded checkpoint {tag_dir} (iteration {iteration})")
     return Loaded(iteration, client_state, tag_dir)
+
+
+@contextlib.contextmanager
+def _tolerate_fresh(engine: Any, tag_dir: Path, prefixes: tuple[str, ...],
+                    missing: list[str]) -> Iterator[None]:
+    """Let DeepSpeed's module load leave the parameters under ``prefixes`` at their initial
+    values when the checkpoint lacks them (collected into ``missing``); every other missing
+    or unexpected entry is still an error naming it."""
+    module = getattr(engine, "module", None)
+    if not prefixes or module is None:
+        yield
+        return
+    original = module.load_state_dict
+
+    def load_state_dict(state_dict: Any, strict: bool = True, **kwargs: Any) -> Any:
+        result = original(state_dict, strict=False, **kwargs)
+        if strict:
+            bad_missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+            if result.unexpected_keys or bad_missing:
+                first = (bad_missing or result.unexpected_keys)[0]
+                what = "missing from the checkpoint" if bad_missing else \
+                    "in the checkpoint but not in the model of the config"
+                raise CheckpointError(f"{tag_dir}: {first} is {what} "
+                                      "(config/architecture mismatch)")
+        missing.extend(k for k in result.missing_keys if k.startswith(prefixes))
+        return result
+
+    module.load_state_dict = load_state_dict
+    try:
+        yield
+    finally:
+        del module.load_state_dict
 
 
 def _load_same_layout(engine: Any, load_dir: Path, tag: str, load_optimizer: bool,

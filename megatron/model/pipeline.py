@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from deepspeed import comm as ds_comm
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime import utils as ds_utils
 from torch import nn
@@ -145,6 +146,14 @@ class GPTPipelineModule(PipelineModule):
         if self._local_stop == len(self._layer_specs):
             return act.x  # the logits, for loss_fn
         return activations_to_pipeline(act)
+
+    def allreduce_tied_weight_gradients(self) -> None:
+        # a frozen tied weight (LoRA trains the adapters only) has no gradient to sum
+        for comm in self.tied_comms.values():
+            for attr in comm["weight_attr"]:
+                weight = self._recursive_getattr(comm["module"], attr)
+                if weight.grad is not None:
+                    ds_comm.all_reduce(weight.grad, group=comm["group"])
 
     def _partition_layers(self, method: str = "uniform") -> None:
         # DeepSpeed's own partitioning plus one rule: a T5 bias entry stays on its layer's stage

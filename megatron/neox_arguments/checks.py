@@ -413,7 +413,12 @@ def _post_training(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
             "pos_train_data_paths and neg_train_data_paths"))
     if impl != "normal" and cfg.parallelism.is_pipe_parallel:
         raise loc.error("train_impl", "pipe_parallel_size", message=(
-            f"{impl} is implemented for the plain model only; use pipe_parallel_size: 0"))
+            f"{impl} needs pipe_parallel_size: 0 (as in GPT-NeoX, which refuses a pipeline "
+            "for dpo, kto and rm: the loss needs both sides' log-probabilities or rewards "
+            "and the reference model on one rank)"))
+    if pt.z_loss > 0 and cfg.parallelism.is_pipe_parallel:
+        raise loc.error("z_loss", "pipe_parallel_size", message=(
+            "is computed for the plain model only; use pipe_parallel_size: 0"))
     if impl == "rm" and cfg.parallelism.sequence_parallel:
         raise loc.error("train_impl", "sequence_parallel", message=(
             "rm reads the last hidden state of every sequence: turn sequence_parallel off"))
@@ -436,9 +441,6 @@ def _post_training(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     if pt.lora_rank < 0:
         raise loc.error("lora_rank", message=f"must be >= 0, got {pt.lora_rank}")
     if pt.lora_rank > 0:
-        if cfg.parallelism.is_pipe_parallel:
-            raise loc.error("lora_rank", "pipe_parallel_size", message=(
-                "LoRA is implemented for the plain model only; use pipe_parallel_size: 0"))
         if cfg.precision.fp8_training:
             raise loc.error("lora_rank", "fp8_training", message=(
                 "LoRA adapters and fp8_training both replace the linear layers' product; "

@@ -28,10 +28,13 @@ class PostTrainArgs:
     orpo_lambda: float = key(0.1, "ORPO: weight of the odds-ratio term (lambda).",
                              origin="Here")
     rm_pooling: Literal["last", "mean"] = key(
-        "last", "RM: the reward of a sequence is the head's value at its last token (last, as "
-        "GPT-NeoX) or the mean of its values over the trained tokens (mean).", origin="Here")
+        "last", "RM: the reward of a sequence is the head's value at its last trained "
+        "position, the one predicting its last labelled token (last: GPT-NeoX's reward), or, "
+        "an addition of this trainer, the mean of its values over the trained positions "
+        "(mean).", origin="Here")
     z_loss: float = key(0.0, "Weight of the z-loss, mean(logsumexp(logits)^2) over the "
-                        "trained tokens, added to the loss (0: off).")
+                        "trained tokens, added to the loss (0: off); for rm, as GPT-NeoX, "
+                        "mean(r_chosen^2 + r_rejected^2) of the rewards.")
     precompute_model_name: str | None = key(
         None, "DPO/KTO: read the reference log-probabilities from datasets "
         "'<data path>_<name>_ref' (one value per document) instead of running a frozen copy "

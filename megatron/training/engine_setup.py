@@ -18,7 +18,7 @@ import torch
 
 from megatron.logging.model_stats import ModelStats
 from megatron.model import build_model
-from megatron.model.pipeline import PipelineLMLoss
+from megatron.model.pipeline import PipelineLMLoss, pipeline_key_to_model_key
 from megatron.neox_arguments import ConfigError, NeoXConfig, build_deepspeed_config
 from megatron.parallel.experts import split_expert_param_groups
 from megatron.parallel.state import ParallelState
@@ -96,9 +96,13 @@ def build_engine(rt: Runtime) -> Engine:
         objective = Objective(cfg, rt.state)
     pt = cfg.posttrain
     if pt.lora_rank > 0:
+        layer_name = None
+        if is_pipeline:  # adapters drawn by the plain model's layer names: any layout alike
+            def layer_name(name: str) -> str:
+                return pipeline_key_to_model_key(name, cfg.model)
         adapted = apply_lora(model, rank=pt.lora_rank, alpha=pt.lora_alpha,
                              dropout=pt.lora_dropout, targets=pt.lora_target_modules,
-                             state=rt.state, seed=cfg.training.seed)
+                             state=rt.state, seed=cfg.training.seed, layer_name=layer_name)
         if rt.state.rank == 0:
             print(f"LoRA: rank {pt.lora_rank} adapters on {len(adapted)} layers; "
                   "the base weights are frozen", flush=True)

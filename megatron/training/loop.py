@@ -157,7 +157,9 @@ class Trainer:
             LoadOptions(ck.load, load_optimizer=not ck.no_load_optim,
                         load_rng=not ck.no_load_rng, finetune=ck.finetune,
                         layout=run_layout(self.cfg, self.rt.state),
-                        iteration=self.cfg.training.iteration),
+                        iteration=self.cfg.training.iteration,
+                        fresh_prefixes=("reward_head.",)
+                        if self.cfg.posttrain.train_impl == "rm" else ()),
             tracker=self.rt.tracker, log=self.metrics.info)
         if loaded is None:
             return

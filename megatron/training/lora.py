@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,13 @@ def _lora_linear(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
 
 def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
                targets: list[str] | tuple[str, ...], state: ParallelState,
-               seed: int) -> list[str]:
+               seed: int, layer_name: Callable[[str], str] | None = None) -> list[str]:
     """Add adapters to the targeted layers of ``model`` and freeze everything else; returns
     the adapted layers' names. ``A`` is drawn (Kaiming-uniform, from ``seed`` and the layer's
-    name) at full size and split, so any tensor-parallel size starts from the same adapter."""
+    plain-model name) at full size and split, so any tensor-parallel size starts from the same
+    adapter. ``layer_name`` maps a module name of ``model`` to the plain model's (a pipeline
+    stage's ``3.attention.dense`` is ``layers.0.attention.dense``), so every pipeline layout
+    starts from the same adapters too."""
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"lora_target_modules: {sorted(unknown)} not among {list(TARGETS)}")
@@ -74,7 +77,8 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
             continue
         column = isinstance(layer, ColumnParallelLinear)
         dtype, device = layer.weight.dtype, layer.weight.device
-        gen = torch.Generator().manual_seed(seed + sum(map(ord, name)) * 7919)
+        plain = layer_name(name) if layer_name is not None else name
+        gen = torch.Generator().manual_seed(seed + sum(map(ord, plain)) * 7919)
         full_a = torch.empty(rank, layer.in_features)
         bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform with a = sqrt(5)
         full_a.uniform_(-bound, bound, generator=gen)

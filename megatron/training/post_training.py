@@ -13,8 +13,9 @@ to log. The loss formulas are in :mod:`megatron.training.preference`.
 - ``kto``: the same on unpaired rows marked desirable or not; the reference point is the
   micro batch's mean log-ratio (detached, at least 0).
 - ``orpo``: per-token mean log-probabilities and the LM loss on the chosen rows.
-- ``rm``: the reward head on the final hidden state of each sequence's last token
-  (``rm_pooling: mean``: averaged over the trained positions).
+- ``rm``: the reward head on the final hidden state at each sequence's last trained
+  position (the one predicting its last labelled token, as GPT-NeoX); ``rm_pooling: mean``
+  (an addition) averages the head over the trained positions instead.
 """
 
 from __future__ import annotations
@@ -84,13 +85,13 @@ def frozen(ref: nn.Module) -> nn.Module:
     return ref
 
 
-def last_token_index(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the position of the last token of the sequence: one past the last trained
-    prediction (whose input is the next-to-last token), within the sample."""
-    s = loss_mask.shape[-1]
-    positions = torch.arange(s, device=loss_mask.device).expand_as(loss_mask)
-    last_trained = torch.where(loss_mask > 0, positions, torch.zeros_like(positions)).amax(-1)
-    return (last_trained + 1).clamp(max=s - 1)
+def last_trained_index(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the last position with a trained prediction: the position whose output
+    predicts the sequence's last labelled token (its end of document), i.e. the one that has
+    read every token before it. GPT-NeoX reads the reward there (its reward-model data labels
+    only the end-of-document token); 0 for a row with nothing trained."""
+    positions = torch.arange(loss_mask.shape[-1], device=loss_mask.device).expand_as(loss_mask)
+    return torch.where(loss_mask > 0, positions, torch.zeros_like(positions)).amax(-1)
 
 
 @dataclass
@@ -172,11 +173,16 @@ class Objective:
             mask = batch.loss_mask.to(torch.float32)
             rewards = (head(hidden) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
         else:
-            index = last_token_index(batch.loss_mask)
+            index = last_trained_index(batch.loss_mask)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             rewards = head(hidden[rows, index])
         half = rewards.shape[0] // 2
-        return P.rm_loss(rewards[:half], rewards[half:])
+        loss, metrics = P.rm_loss(rewards[:half], rewards[half:])
+        if self.cfg.posttrain.z_loss > 0:  # GPT-NeoX's reward z-loss
+            z = (rewards[:half].float().square() + rewards[half:].float().square()).mean()
+            metrics["z_loss"] = z.detach()
+            loss = loss + self.cfg.posttrain.z_loss * z
+        return loss, metrics
 
 
 def reference_logps_prefixes(cfg: NeoXConfig) -> list[tuple[str, str | None]]:

@@ -67,3 +67,34 @@ def test_a_damaged_latest_checkpoint_suggests_the_previous_complete_one(tmp_path
     (tmp_path / "global_step4" / "mp_rank_00_model_states.pt").write_bytes(b"w")  # truncated
     with pytest.raises(CheckpointError, match=r"damaged .*besides it is .*global_step2"):
         _load(tmp_path)
+
+
+def test_a_fresh_prefix_may_be_missing_and_nothing_else(tmp_path):
+    """A reward model started from a language model: its head keeps its initial values;
+    any other entry that does not fit is still one line naming it."""
+    import torch
+
+    from megatron.checkpoint.resume import _tolerate_fresh
+
+    class Engine:
+        def __init__(self) -> None:
+            self.module = torch.nn.Module()
+            self.module.body = torch.nn.Linear(2, 2)
+            self.module.reward_head = torch.nn.Linear(2, 1)
+
+    engine = Engine()
+    head = engine.module.reward_head.weight.detach().clone()
+    lm = {"body.weight": torch.ones(2, 2), "body.bias": torch.zeros(2)}
+    missing: list[str] = []
+    with _tolerate_fresh(engine, tmp_path, ("reward_head.",), missing):
+        engine.module.load_state_dict(lm, strict=True)
+    assert missing == ["reward_head.weight", "reward_head.bias"]
+    assert torch.equal(engine.module.body.weight, torch.ones(2, 2))
+    assert torch.equal(engine.module.reward_head.weight, head)
+    assert "load_state_dict" not in vars(engine.module)  # the wrapper is gone afterwards
+    with pytest.raises(CheckpointError, match="body.bias is missing from the checkpoint"), \
+            _tolerate_fresh(engine, tmp_path, ("reward_head.",), []):
+        engine.module.load_state_dict({"body.weight": torch.ones(2, 2)}, strict=True)
+    with pytest.raises(CheckpointError, match="extra.weight is in the checkpoint but not"), \
+            _tolerate_fresh(engine, tmp_path, ("reward_head.",), []):
+        engine.module.load_state_dict({**lm, "extra.weight": torch.ones(1)}, strict=True)

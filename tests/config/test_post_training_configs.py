@@ -55,6 +55,11 @@ BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_lengt
     ({"lora_rank": 4, "lora_target_modules": ["mlp"], "data_path": "d"}, ("lora_target_modules",)),
     ({"train_impl": "orpo", "dataset_impl": "pairwise", "pos_train_data_paths": ["a"],
       "neg_train_data_paths": ["b"], "pipe_parallel_size": 1}, ("pipe_parallel_size",)),
+    ({"train_impl": "rm", "dataset_impl": "pairwise", "pos_train_data_paths": ["a"],
+      "neg_train_data_paths": ["b"], "pipe_parallel_size": 1}, ("pipe_parallel_size",
+                                                                "GPT-NeoX")),
+    ({"z_loss": 1e-4, "data_path": "d", "pipe_parallel_size": 1}, ("z_loss",
+                                                                   "pipe_parallel_size")),
 ])
 def test_post_training_keys_are_checked(values, names):
     with pytest.raises(ConfigError) as err:
@@ -63,3 +68,9 @@ def test_post_training_keys_are_checked(values, names):
     assert len(message.splitlines()) == 1
     for name in names:
         assert name in message
+
+
+def test_lora_runs_over_pipeline_stages():
+    cfg = _resolve({**BASE, "lora_rank": 4, "data_path": "d", "pipe_parallel_size": 2},
+                   world_size=2)
+    assert cfg.posttrain.lora_rank == 4 and cfg.parallelism.pipe_parallel_size == 2

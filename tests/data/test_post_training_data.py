@@ -116,6 +116,20 @@ def test_prompt_completion_masks(tmp_path, tok_dir):
         assert tok.detokenize(t[n_prompt:-1].tolist()) == records[0][key]
 
 
+def test_for_rm_labels_only_the_end_of_document(tmp_path, tok_dir):
+    src = _write(tmp_path / "chat.jsonl", CHATS)
+    rc = chat_main(["--input", src, "--output-prefix", str(tmp_path / "rm"), "--tokenizer-path",
+                    str(tok_dir), "--for-rm"])
+    assert rc == 0
+    tok = build_tokenizer("HFTokenizer", str(tok_dir / "tokenizer.json"))
+    texts = MMapIndexedDataset(str(tmp_path / "rm_messages_document"))
+    labels = MMapIndexedDataset(str(tmp_path / "rm_messages_label_document"))
+    for i in range(len(CHATS)):
+        t, lab = texts[i].astype(np.int64), labels[i].astype(np.int64)
+        assert t[-1] == tok.eod and lab[-1] == tok.eod  # appended without --append-eod
+        assert (lab[:-1] == -100).all() and len(lab) == len(t)
+
+
 def test_bad_input_one_line(tmp_path, tok_dir, capsys):
     src = _write(tmp_path / "bad.jsonl", [CHATS[0], {"messages": "not a list"}])
     rc = chat_main(["--input", src, "--output-prefix", str(tmp_path / "bad"),

@@ -1,5 +1,6 @@
 """LoRA: only the adapters train (the base weights stay bit-identical, the optimizer holds
-the adapters only), merging gives the adapter model's logits, TP=2 equals TP=1 step by step,
+the adapters only), merging gives the adapter model's logits, TP=2 and two pipeline stages
+equal the plain model step by step,
 and the exported PEFT adapter on the converted Hugging Face model gives our logits."""
 
 from __future__ import annotations
@@ -127,6 +128,56 @@ def test_tp2_lora_equals_tp1_per_step(trained):
                              cfg.model)
     for name, tensor in merged_state_dict(ours, rank=RANK, alpha=ALPHA).items():
         assert_close(merged[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def _pp2(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    import deepspeed
+
+    from megatron.model import build_pipeline_model, pipeline_key_to_model_key
+    from megatron.model.pipeline import pipeline_to_model_state_dict
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    state = ParallelState.initialize(RankTopology(2, 1, 2))
+    cfg = load_tiny("tiny_neox", world_size=2, pipe_parallel_size=2, seq_length=16,
+                    max_position_embeddings=16)
+    pipe = build_pipeline_model(cfg.model, cfg.act_ckpt, cfg.parallelism,
+                                padded_vocab_size=_cfg().tokenizer.padded_vocab_size,
+                                state=state, tracker=None, init_seed=3)
+    adapted = apply_lora(pipe, rank=RANK, alpha=ALPHA, dropout=0.0, targets=TARGETS,
+                         state=state, seed=9,
+                         layer_name=lambda n: pipeline_key_to_model_key(n, cfg.model))
+    assert adapted  # each stage adapts its own layers
+    params = [p for g in param_groups(pipe, 0.0) for p in g["params"]]
+    engine, *_ = deepspeed.initialize(
+        model=pipe, optimizer=torch.optim.Adam(params, lr=1e-2),
+        config={"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+                "steps_per_print": 10_000})
+    positions = torch.arange(16).expand(2, 16)
+    causal = torch.zeros(0, dtype=torch.bool)
+    data = iter([((tokens, positions, causal), (labels, torch.ones(2, 16)))
+                 for tokens, labels in _data()])
+    losses = [float(engine.train_batch(data_iter=data)) for _ in range(STEPS)]
+    stage = pipeline_to_model_state_dict(pipe.state_dict(), cfg.model)
+    return losses, {k: v.detach().clone() for k, v in stage.items()}
+
+
+def test_pp2_lora_equals_plain_lora_per_step(trained):
+    """Two pipeline stages train the same adapters as the plain model, step by step."""
+    _, _, model, before, plain = trained
+    results = run_distributed(_pp2, 2, timeout=240)
+    ours = model.state_dict()
+    stages = [sd for _, sd in results]
+    assert not set(stages[0]) & set(stages[1])  # each stage holds its own layers
+    for losses, _ in results:
+        assert_close(torch.tensor(losses), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+    names = {k for sd in stages for k in sd if ".lora_" in k}
+    assert names == {k for k in ours if ".lora_" in k}
+    for sd in stages:
+        for name, tensor in sd.items():
+            assert_close(tensor, ours[name], rtol=1e-4, atol=1e-6)
+            if ".lora_" not in name:
+                assert torch.equal(tensor, before[name]), name  # the base stays frozen
 
 
 def test_peft_adapter_on_converted_model_gives_our_logits(trained, tmp_path):

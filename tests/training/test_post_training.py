@@ -28,7 +28,7 @@ from megatron.training.post_training import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from posttrain_helpers import pairwise_values, write_pairwise  # noqa: E402
+from posttrain_helpers import CHATML, pairwise_values, write_pairwise  # noqa: E402
 
 SEQ = 48  # prompt 20 + completion 20 + eod
 PAIRS_TRAIN, PAIRS_VALID = 3000, 64
@@ -74,10 +74,12 @@ def _batches(dataset, cfg, size: int):
 
 
 def _train(impl: str, pairs: dict[str, Any], steps: int, lr: float,
-           start: GPTModel | None = None, **extra: Any):
+           start: GPTModel | None = None, seq: int = SEQ, valid_pairs: int = PAIRS_VALID,
+           **extra: Any):
     """Train ``steps`` micro batches of 16 (from ``start``'s weights if given); returns the
     model, the train values per step and the held-out values before and after."""
-    cfg = _config(train_impl=impl, **pairs, **extra)
+    cfg = _config(train_impl=impl, seq_length=seq, max_position_embeddings=seq, **pairs,
+                  **extra)
     state = ParallelState.single()
     model = _model(cfg, state)
     if start is not None:
@@ -91,13 +93,13 @@ def _train(impl: str, pairs: dict[str, Any], steps: int, lr: float,
         reference.load_state_dict(model.state_dict())
     objective = Objective(cfg, state, reference)
     train, valid, _ = build_post_training_datasets(
-        cfg.data, cfg.posttrain, seq_length=SEQ, seed=3,
-        train_val_test_num_samples=[steps * 16, PAIRS_VALID, 0])
+        cfg.data, cfg.posttrain, seq_length=seq, seed=3,
+        train_val_test_num_samples=[steps * 16, valid_pairs, 0])
 
     def held_out() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
-            batch = next(_batches(valid, cfg, PAIRS_VALID))  # every held-out pair once
+            batch = next(_batches(valid, cfg, valid_pairs))  # every held-out pair once
             _, metrics = objective.loss(model, batch)
         model.train()
         return {k: float(v) for k, v in metrics.items()}
@@ -131,21 +133,29 @@ def test_dpo_raises_margin_and_held_out_accuracy(pairs):
     assert after["rewards_accuracy"] > 0.8, after
 
 
-def test_reward_model_ranks_held_out_pairs(pairs):
+@pytest.fixture(scope="module")
+def short_pairs(tmp_path_factory) -> dict[str, Any]:
+    """Real 16-character snippets over their characters shuffled, without a prompt: the
+    reward is read at one position (GPT-NeoX's reward), whose attention must gather the whole
+    text; short texts let the tiny model learn that within the test's few hundred steps."""
+    d = tmp_path_factory.mktemp("short_pairs")
+    chars = {"prompt_chars": 0, "completion_chars": 16}
+    return pairwise_values(write_pairwise(d, "train", 8000, 11, **chars),
+                           write_pairwise(d, "valid", 128, 12, **chars))
+
+
+def test_reward_model_ranks_held_out_pairs(short_pairs):
     # as usual for reward models, start from a language model fine-tuned on the chosen side
-    sft, sft_history, _, _ = _train("normal", pairs, steps=80, lr=3e-3)
+    common = {"seq": 20, "valid_pairs": 128}
+    sft, sft_history, _, _ = _train("normal", short_pairs, steps=80, lr=3e-3, **common)
     assert sft_history[-1]["loss"] < sft_history[0]["loss"] - 1.0
-    _, history, before, after = _train("rm", pairs, steps=150, lr=1e-3, start=sft,
-                                       rm_pooling="mean")
+    _, history, before, after = _train("rm", short_pairs, steps=300, lr=1e-3, start=sft,
+                                       **common)
     assert before["rewards_accuracy"] < 0.9  # the head starts untrained
     first = sum(h["loss"] for h in history[:10]) / 10
     last = sum(h["loss"] for h in history[-10:]) / 10
     assert last < first - 0.2, (first, last)
     assert after["rewards_accuracy"] > 0.9, after
-
-
-CHATML = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
-          "+ '\\n' }}{% endfor %}")
 
 
 def test_sft_on_chat_data_leaves_user_turns_untrained():
@@ -221,3 +231,31 @@ def test_precomputed_reference_equals_the_frozen_copy(tmp_path):
     assert abs(float(loss_live.detach()) - float(loss_stored.detach())) < 1e-6
     for k in ("rewards_chosen", "rewards_rejected", "kl_chosen"):
         assert abs(float(m_live[k]) - float(m_stored[k])) < 1e-6
+
+
+def test_reward_read_position_and_z_loss_are_gpt_neox_s(pairs):
+    """rm: the reward is the head's value at the last trained position; with z_loss the loss
+    adds z_loss * mean(r_chosen^2 + r_rejected^2)."""
+    state = ParallelState.single()
+    cfg, plain = _config(train_impl="rm", z_loss=0.5, **pairs), _config(train_impl="rm", **pairs)
+    model = _model(cfg, state)
+    torch.manual_seed(0)
+    attach_reward_head(model, cfg)
+    train, _, _ = build_post_training_datasets(
+        cfg.data, cfg.posttrain, seq_length=SEQ, seed=3, train_val_test_num_samples=[8, 8, 0])
+    batch = next(_batches(train, cfg, 4))
+    with torch.no_grad():
+        loss, metrics = Objective(cfg, state).loss(model, batch)
+        base, base_metrics = Objective(plain, state).loss(model, batch)
+        hidden = model(batch.tokens, hidden_only=True, position_ids=batch.position_ids,
+                       attention_mask=batch.attention_mask)
+    rows = torch.arange(8)
+    last = (batch.loss_mask > 0).float().cumsum(-1).argmax(-1)  # the last trained position
+    rewards = model.reward_head(hidden[rows, last])
+    # the reward is read where the last labelled token (the end of document) is predicted
+    assert float((rewards[:4] - rewards[4:]).mean()) == pytest.approx(
+        float(base_metrics["rewards_margin"]), rel=1e-5, abs=1e-6)
+    z = (rewards[:4].square() + rewards[4:].square()).mean()
+    assert float(metrics["z_loss"]) == pytest.approx(float(z), rel=1e-5)
+    assert float(loss) == pytest.approx(float(base) + 0.5 * float(z), rel=1e-5)
+    assert float(z) > 0

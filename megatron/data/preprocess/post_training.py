@@ -9,7 +9,8 @@ is rendered with a Jinja chat template (the ``chat_template`` of a local
 ``tokenizer_config.json``, or a template file; nothing is downloaded), one turn at a time:
 the text a turn adds to the rendering of the turns before it is tokenized on its own, and its
 labels are its tokens when the turn's role is ``--generation-role`` (assistant) and -100
-otherwise. ``--only-last`` trains only the last such turn.
+otherwise. ``--only-last`` trains only the last such turn. ``--for-rm`` (both tools, as
+GPT-NeoX's) labels only the end-of-document token, where a reward model reads its reward.
 
 Prompt/completion data (``tools/datasets/preprocess_data_with_mask.py``)::
 
@@ -290,6 +291,16 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-docs", type=int, help="stop after this many records")
     p.add_argument("--reward-key", help="write PREFIX_K_reward_document from this key "
                    "(> 0 or true: desirable; KTO)")
+    p.add_argument("--for-rm", action="store_true", help="reward-model data: label only the "
+                   "end-of-document token (appended), as GPT-NeoX's --for-rm")
+
+
+def reward_model_labels(tokens: list[int], eod: int) -> tuple[list[int], list[int]]:
+    """``--for-rm``: the tokens ending with ``eod`` (appended when missing) and labels -100
+    everywhere but on that last token, where the reward is read."""
+    if not tokens or tokens[-1] != eod:
+        tokens = [*tokens, eod]
+    return tokens, [IGNORE] * (len(tokens) - 1) + [eod]
 
 
 def _run(args: argparse.Namespace, keys: Sequence[str], encode: Any, tokenizer: Any) -> int:
@@ -340,9 +351,11 @@ def chat_main(argv: list[str] | None = None) -> int:
     def encode(record: dict[str, Any], key: str) -> tuple[list[int], list[int]]:
         if key not in record:
             raise PostTrainDataError("missing")
-        return chat_tokens(record[key], template, tokenizer,
-                           generation_role=args.generation_role, only_last=args.only_last,
-                           mask=not args.no_mask, append_eod=args.append_eod)
+        tokens, labels = chat_tokens(record[key], template, tokenizer,
+                                     generation_role=args.generation_role,
+                                     only_last=args.only_last, mask=not args.no_mask,
+                                     append_eod=args.append_eod)
+        return reward_model_labels(tokens, tokenizer.eod) if args.for_rm else (tokens, labels)
 
     return _run(args, args.jsonl_keys, encode, tokenizer)
 
@@ -365,7 +378,8 @@ def mask_main(argv: list[str] | None = None) -> int:
         prompt, completion = record.get(args.prompt_key, ""), record.get(key)
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
             raise PostTrainDataError(f"needs string {args.prompt_key!r} and a non-empty {key!r}")
-        return prompt_completion_tokens(prompt, completion, tokenizer,
-                                        append_eod=args.append_eod)
+        tokens, labels = prompt_completion_tokens(prompt, completion, tokenizer,
+                                                  append_eod=args.append_eod)
+        return reward_model_labels(tokens, tokenizer.eod) if args.for_rm else (tokens, labels)
 
     return _run(args, args.completion_keys, encode, tokenizer)
