@@ -259,3 +259,48 @@ def test_reward_read_position_and_z_loss_are_gpt_neox_s(pairs):
     assert float(metrics["z_loss"]) == pytest.approx(float(z), rel=1e-5)
     assert float(loss) == pytest.approx(float(base) + 0.5 * float(z), rel=1e-5)
     assert float(z) > 0
+
+
+def test_objective_keys_reach_the_losses(pairs):
+    """dpo_reference_free (no reference model is asked for), kto_desirable_weight /
+    kto_undesirable_weight / kto_fp32 and rm_pooling: mean, each against the loss computed
+    directly from the model's log-probabilities or rewards."""
+    from megatron.training import preference as P
+
+    state = ParallelState.single()
+    dpo = _config(train_impl="dpo", dpo_reference_free=True, dpo_beta=0.3, **pairs)
+    model = _model(dpo, state)
+    train, _, _ = build_post_training_datasets(
+        dpo.data, dpo.posttrain, seq_length=SEQ, seed=3, train_val_test_num_samples=[8, 8, 0])
+    batch = next(_batches(train, dpo, 4))
+    with torch.no_grad():
+        logits = model(batch.tokens, position_ids=batch.position_ids,
+                       attention_mask=batch.attention_mask)
+        logps = P.sequence_logps(logits, batch.labels, batch.loss_mask, state)
+        loss, _ = Objective(dpo, state, reference=None).loss(model, batch)
+        want, _ = P.dpo_loss(logps[:4], logps[4:], None, None, beta=0.3)
+        assert float(loss) == pytest.approx(float(want), rel=1e-6)
+
+        weights = {"kto_desirable_weight": 2.0, "kto_undesirable_weight": 0.5}
+        kto = _config(train_impl="kto", kto_fp32=True, kto_beta=0.2, **weights, **pairs)
+        ref = logps.flip(0) - 0.1  # precomputed reference log-probabilities
+        desirable = torch.tensor([True, False] * 4)
+        kbatch = dataclasses.replace(batch, paired=False, desirable=desirable, ref_logps=ref)
+        loss, _ = Objective(kto, state).loss(model, kbatch)
+        want, _ = P.kto_loss(logps, ref, desirable, P.kto_kl(logps, ref), beta=0.2,
+                             desirable_weight=2.0, undesirable_weight=0.5)
+        assert float(loss) == pytest.approx(float(want), rel=1e-6)
+        unweighted, _ = Objective(_config(train_impl="kto", kto_beta=0.2, **pairs),
+                                  state).loss(model, kbatch)
+        assert float(unweighted) != pytest.approx(float(loss), rel=1e-3)
+
+        rm = _config(train_impl="rm", rm_pooling="mean", **pairs)
+        torch.manual_seed(0)
+        attach_reward_head(model, rm)
+        _, metrics = Objective(rm, state).loss(model, batch)
+        hidden = model(batch.tokens, hidden_only=True, position_ids=batch.position_ids,
+                       attention_mask=batch.attention_mask)
+        mask = batch.loss_mask.float()
+        rewards = (model.reward_head(hidden) * mask).sum(-1) / mask.sum(-1)
+        assert float(metrics["rewards_margin"]) == pytest.approx(
+            float((rewards[:4] - rewards[4:]).mean()), rel=1e-5, abs=1e-6)
