@@ -109,7 +109,10 @@ def one_launch(tree: Path, config: Path, steps: int) -> dict[str, float]:
            "--master_port", str(free_port())]
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first: dict[str, float] = {}  # process kind -> earliest creation time
+    # creation times count from the boot time, which the kernel gives in whole seconds: put
+    # them on this clock through deepy.py's own creation time
+    skew = psutil.Process(proc.pid).create_time() - started
+    first: dict[str, float] = {}  # process kind -> earliest creation time (this clock)
     seen: set[int] = set()
 
     def watch() -> None:
@@ -127,8 +130,8 @@ def one_launch(tree: Path, config: Path, steps: int) -> dict[str, float]:
                 except psutil.Error:
                     continue
                 seen.add(child.pid)
-                if kind and created < first.get(kind, float("inf")):
-                    first[kind] = created
+                if kind and created - skew < first.get(kind, float("inf")):
+                    first[kind] = created - skew
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
