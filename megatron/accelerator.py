@@ -4,19 +4,60 @@ Everything else asks this module for the device, the distributed backend, RNG he
 memory statistics. It wraps DeepSpeed's accelerator abstraction (``cuda`` on NVIDIA GPUs,
 ``cpu`` with the gloo backend elsewhere) and picks the CPU accelerator automatically on a
 machine without a GPU, before DeepSpeed is imported.
+
+torch is imported where a function needs it, not with this module: deepy.py asks whether the
+machine has a GPU before it launches anything, and on a machine that cannot have one (a CPU
+build of torch, or no GPU device nodes) it gets the answer without importing torch (seconds).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
-from typing import Any
+import re
+import sys
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# device nodes of the NVIDIA driver, AMD's ROCm (kfd) and WSL's GPU paravirtualization
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def _torch_gpu_build() -> bool:
+    """Whether the installed torch was built for CUDA or ROCm, read from its ``version.py``
+    without importing it (True when that file cannot be read)."""
+    try:
+        spec = importlib.util.find_spec("torch")
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        with open(os.path.join(locations[0], "version.py")) as f:
+            text = f.read()
+    except (ImportError, IndexError, OSError, ValueError):
+        return True
+    return any(re.search(rf"^{name}\s*(?::[^=]*)?=\s*(?!None\b)\S", text, re.MULTILINE)
+               for name in ("cuda", "hip"))
+
+
+def gpu_possible() -> bool:
+    """False when this machine certainly has no usable CUDA/ROCm GPU for torch: torch is a
+    CPU build, or (on Linux) no GPU device node exists. True means: ask torch."""
+    if "torch" in sys.modules:
+        return True
+    if not _torch_gpu_build():
+        return False
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(node) for node in GPU_DEVICE_NODES)
+    return True
 
 
 def gpu_present() -> bool:
     """Whether this machine has a usable CUDA GPU (whatever ``DS_ACCELERATOR`` says)."""
+    if not gpu_possible():
+        return False
+    import torch
+
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
@@ -52,6 +93,8 @@ def is_gpu() -> bool:
 
 def device(local_rank: int | None = None) -> torch.device:
     """The torch device this rank computes on."""
+    import torch
+
     if not is_gpu():
         return torch.device("cpu")
     idx = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,7 +115,11 @@ def communication_backend() -> str:
 
 def device_count() -> int:
     """Number of local GPUs (0 on a CPU-only machine)."""
-    return torch.cuda.device_count() if gpu_present() else 0
+    if not gpu_present():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def synchronize() -> None:
@@ -81,6 +128,8 @@ def synchronize() -> None:
 
 
 def manual_seed_all(seed: int) -> None:
+    import torch
+
     torch.manual_seed(seed)
     if is_gpu():
         get_accelerator().manual_seed_all(seed)
@@ -109,6 +158,8 @@ def supports_bf16() -> bool:
 
 def device_name() -> str:
     """Human-readable device name, used to look up the peak FLOP/s for MFU."""
+    import torch
+
     if is_gpu():
         return torch.cuda.get_device_name(torch.cuda.current_device())
     return "cpu"
@@ -116,16 +167,22 @@ def device_name() -> str:
 
 def max_memory_allocated() -> int:
     """Peak bytes allocated on the device (0 on CPU; use RSS there)."""
+    import torch
+
     return int(torch.cuda.max_memory_allocated()) if is_gpu() else 0
 
 
 def flash_attention_available() -> bool:
     """True where PyTorch's SDPA can use the flash kernel (a CUDA GPU)."""
+    import torch
+
     return is_gpu() and torch.backends.cuda.flash_sdp_enabled()
 
 
 def compute_capability() -> tuple[int, int] | None:
     """CUDA compute capability of this rank's device, or None off CUDA (CPU, other vendors)."""
+    import torch
+
     if accelerator_name() != "cuda" or not gpu_present():
         return None
     major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
@@ -147,6 +204,8 @@ def fp8_support() -> tuple[bool, str]:
 
 
 def reset_peak_memory_stats() -> None:
+    import torch
+
     if is_gpu():
         torch.cuda.reset_peak_memory_stats()
 

@@ -135,11 +135,13 @@ def _main(argv: list[str] | None) -> int:
               f"{resolve_section(merged, 'launcher').master_port}", file=sys.stderr)
     env = dict(os.environ)
     env.update(plan.env)
-    print("deepy.py: " + shlex.join(plan.argv[:8]) + " ...", file=sys.stderr, flush=True)
+    argv = plan.local_argv or plan.argv  # launch.py, as the runner would start it locally
+    print("deepy.py: " + shlex.join(argv[:8]) + " ...", file=sys.stderr, flush=True)
     written = _write_files(plan.files)
     try:
-        return supervise(plan.argv, env, args.user_script,
-                         pdsh=plan.multi_node_exec and plan.launcher == "pdsh")
+        return supervise(argv, env, args.user_script,
+                         pdsh=plan.multi_node_exec and plan.launcher == "pdsh",
+                         local_launch=plan.local_argv is not None)
     finally:
         _remove_files(written)
 
@@ -151,7 +153,8 @@ def _plan(merged, args: argparse.Namespace, gpu: bool):
     return plan_launch(
         resolve_section(merged, "launcher"), args.user_script,
         ["--neox_config", merged.encode()], gpu=gpu,
-        local_device_count=accelerator.device_count(), source=", ".join(merged.files),
+        local_device_count=accelerator.device_count() if gpu else 0,
+        source=", ".join(merged.files),
         no_ssh=args.no_ssh, node_rank=args.node_rank, launcher_args=args.launcher_args,
         rank_guard=not args.no_rank_guard,
     )
@@ -162,6 +165,9 @@ def _launch_details(plan) -> list[str]:
     if plan.node_rank is not None:
         lines.append(f"per-node launch (no ssh): this is node {plan.node_rank} of "
                      f"{len(plan.resources)}, master {plan.master_addr}")
+    if plan.local_argv:
+        lines.append("local launch: deepy.py starts what the runner command below would: "
+                     + shlex.join(plan.local_argv[:10]) + " ...")
     if plan.multi_node_exec:
         lines.append(f"ranks started by: {plan.launcher}")
         exported = runner_exports(plan)

@@ -14,13 +14,18 @@ multi-node job needs to actually work (see docs/multinode.md):
 * the ssh-less per-node launch (``no_ssh`` + ``node_rank``);
 * the rank guard in front of the user script, run as ``python -m megatron.launch.rank_guard``
   from the installed package, which names a rank that dies (its lines are read by
-  :mod:`megatron.launch.failures`).
+  :mod:`megatron.launch.failures`);
+* for a CPU job on this machine alone, the ``deepspeed.launcher.launch`` command the runner
+  would start (:attr:`LaunchPlan.local_argv`): deepy.py starts it itself, saving the runner's
+  process and its DeepSpeed import (seconds per launch).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -66,6 +71,9 @@ class LaunchPlan:
     files: dict[str, str] = field(default_factory=dict)  # path -> text, written before launch
     config_overrides: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # the command DeepSpeed's runner would run for a local CPU launch (its launch.py), which
+    # deepy.py runs in place of ``argv``; None where the runner has to decide
+    local_argv: list[str] | None = None
 
     @property
     def multi_node(self) -> bool:
@@ -107,8 +115,6 @@ def plan_resources(
     generated: Mapping[str, str] | None = None,
 ) -> tuple[str | None, dict[str, list[int]]]:
     """Hosts and slots of the job, as DeepSpeed's runner will pick them."""
-    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
-
     if (args.include or args.exclude) and (args.num_nodes > 0 or (args.num_gpus or 0) > 0):
         raise ConfigError(f"{source}: include/exclude cannot be combined with num_nodes/num_gpus")
     hostfile, pool = _hostfile_pool(args, source, generated)
@@ -120,6 +126,13 @@ def plan_resources(
         if gpu and slots == 0:
             raise ConfigError(f"{source}: no GPUs found on this machine")
         pool = {"localhost": max(slots, 1)}
+        if not (args.include or args.exclude):
+            # one host, no filter: slots 0..n-1, where n is num_gpus when set (the runner's
+            # result, without importing DeepSpeed for it)
+            count = args.num_gpus if (args.num_gpus or 0) > 0 else pool["localhost"]
+            return None, {"localhost": list(range(count))}
+    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
+
     try:
         active = parse_inclusion_exclusion(collections.OrderedDict(pool), args.include or "",
                                            args.exclude or "")
@@ -316,6 +329,36 @@ def runner_argv(
     return argv + [user_script] + list(user_args)
 
 
+def local_launch_argv(resources: Mapping[str, list[int]], master_port: int, user_script: str,
+                      user_args: list[str], *, rank_guard: str | None = None) -> list[str]:
+    """DeepSpeed's ``launch.py`` command line exactly as its runner builds it for a launch on
+    this machine without a hostfile: the slots as base64 JSON (``--world_info``), master
+    127.0.0.1, ``--module`` when the ranks run under a module, the runner's defaults for the
+    per-rank logs and the log level.
+    """
+    world_info = base64.urlsafe_b64encode(json.dumps(dict(resources)).encode()).decode()
+    argv = [sys.executable, "-u", "-m", "deepspeed.launcher.launch",
+            f"--world_info={world_info}", "--master_addr=127.0.0.1",
+            f"--master_port={master_port}"]
+    if rank_guard:
+        argv.append("--module")
+    argv += ["--enable_each_rank_log=None", "--log_level=info"]  # the runner's defaults
+    return argv + [rank_guard or user_script] + ([user_script] if rank_guard else []) \
+        + list(user_args)
+
+
+def _runs_locally_without_runner(args: LauncherArgs, hostfile: str | None, *, gpu: bool,
+                                 multi_exec: bool, no_ssh: bool, accelerator: str,
+                                 extra_runner_args: list[str] | None) -> bool:
+    """Whether the runner would just start launch.py on this machine with slots computed here:
+    CPU ranks (on GPUs the runner reads the visible devices itself), no hostfile, no filter,
+    no autotuning, nothing passed to the runner beyond the plan's own options (which leaves
+    the runner's own handling of, e.g., ``detect_nvlink_pairs`` to the runner)."""
+    return (not gpu and accelerator == "cpu" and hostfile is None and not multi_exec
+            and not no_ssh and not (args.include or args.exclude) and not args.autotuning_run
+            and not args.detect_nvlink_pairs and not extra_runner_args)
+
+
 def _scratch_dir() -> str:
     """A fresh path (not created) for the files a launch generates."""
     return os.path.join(tempfile.gettempdir(),
@@ -442,10 +485,16 @@ def plan_launch(
                        no_ssh_check=no_ssh_check, force_multi=force_multi,
                        rank_guard=RANK_GUARD if rank_guard else None,
                        srun=multi_exec and launcher == "slurm")
+    local_argv = None
+    if _runs_locally_without_runner(args, hostfile, gpu=gpu, multi_exec=multi_exec,
+                                    no_ssh=no_ssh, accelerator=env["DS_ACCELERATOR"],
+                                    extra_runner_args=extra_runner_args):
+        local_argv = local_launch_argv(resources, args.master_port, user_script, user_args,
+                                       rank_guard=RANK_GUARD if rank_guard else None)
     return LaunchPlan(resources, hostfile, world, argv, env, launcher=launcher,
                       multi_node_exec=multi_exec, node_rank=node_rank, master_addr=master_addr,
                       exports=exports, files=files, config_overrides=overrides,
-                      notes=tuple(notes))
+                      notes=tuple(notes), local_argv=local_argv)
 
 
 def backend_command(plan: LaunchPlan, environ: Mapping[str, str] | None = None

@@ -150,7 +150,8 @@ class _StderrWatch:
 
 
 def supervise(argv: list[str], env: dict[str, str], user_script: str, *, pdsh: bool = False,
-              grace: float | None = None, kill_after: float | None = None) -> int:
+              local_launch: bool = False, grace: float | None = None,
+              kill_after: float | None = None) -> int:
     """Run the launcher, watch the job, and pass its exit status on.
 
     SIGTERM/SIGINT sent to deepy.py go to the local ranks (which save a checkpoint at the next
@@ -165,6 +166,9 @@ def supervise(argv: list[str], env: dict[str, str], user_script: str, *, pdsh: b
     launch.py / mpirun / srun otherwise; ``kill_after`` seconds later SIGKILL to everything it
     started. Processes left behind when the launcher exits are stopped as well. The last line
     names the rank that failed first; the exit status is non-zero whenever a rank failed.
+
+    ``local_launch``: ``argv`` is DeepSpeed's launch.py itself (the runner's local launch,
+    started without the runner), so launch.py is the process that gets those SIGTERMs.
     """
     grace = FAILURE_GRACE_S if grace is None else grace
     kill_after = KILL_AFTER_S if kill_after is None else kill_after
@@ -186,20 +190,12 @@ def supervise(argv: list[str], env: dict[str, str], user_script: str, *, pdsh: b
         if workers:  # the ranks treat SIGTERM and SIGINT alike
             _signal_all(workers, signum)
             return
-        if pdsh:  # DeepSpeed's runner stops the ranks on every node
-            _signal_all([proc], signal.SIGTERM)
-            return
-        import psutil
-
-        try:  # srun and mpirun pass SIGTERM on to their tasks
-            backends = psutil.Process(proc.pid).children()
-        except psutil.Error:
-            backends = []
-        _signal_all(backends or [proc], signal.SIGTERM)
+        # DeepSpeed's runner stops the ranks on every node (pdsh); launch.py its local ranks
+        _signal_all(_launchers(proc, pdsh or local_launch), signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = _watch(proc, watch, pdsh, grace, kill_after)
+        code = _watch(proc, watch, pdsh or local_launch, grace, kill_after)
         watch.join(timeout=2)
         if signalled or watch.stopped:
             _wait_for_ranks(STOP_WAIT_S)  # launchers killed by the signal leave ranks saving
@@ -209,6 +205,21 @@ def supervise(argv: list[str], env: dict[str, str], user_script: str, *, pdsh: b
     leftovers = _stop_leftovers()
     watch.join(timeout=5)
     return _report(code, watch.failures, leftovers, watch.stopped)
+
+
+def _launchers(proc: subprocess.Popen, itself: bool) -> list:
+    """The processes to stop a job through: ``proc`` itself, else its children (launch.py
+    under DeepSpeed's runner; srun and mpirun, which pass SIGTERM on to their tasks), else
+    ``proc`` when it has none."""
+    if itself:
+        return [proc]
+    import psutil
+
+    try:
+        backends = psutil.Process(proc.pid).children()
+    except psutil.Error:
+        backends = []
+    return backends or [proc]
 
 
 def _wait_for_ranks(timeout: float) -> None:
@@ -232,7 +243,7 @@ def _wait_for_ranks(timeout: float) -> None:
         time.sleep(0.25)
 
 
-def _watch(proc: subprocess.Popen, watch: _StderrWatch, pdsh: bool, grace: float,
+def _watch(proc: subprocess.Popen, watch: _StderrWatch, stop_proc: bool, grace: float,
            kill_after: float) -> int:
     stage = 0
     while True:
@@ -251,16 +262,8 @@ def _watch(proc: subprocess.Popen, watch: _StderrWatch, pdsh: bool, grace: float
             failed = first_failure(watch.failures)
             print(f"deepy.py: {failed.describe()} {waited:.0f} s ago and the job is still "
                   f"running: stopping it", file=sys.stderr, flush=True)
-            if pdsh:
-                _signal_all([proc], signal.SIGTERM)  # the runner pkills every node's launcher
-            else:
-                import psutil
-
-                try:
-                    backends = psutil.Process(proc.pid).children()
-                except psutil.Error:
-                    backends = []
-                _signal_all(backends or [proc], signal.SIGTERM)
+            # pdsh: the runner pkills every node's launcher
+            _signal_all(_launchers(proc, stop_proc), signal.SIGTERM)
         elif stage == 1 and waited > grace + kill_after:
             stage = 2
             print("deepy.py: the job did not stop: killing it", file=sys.stderr, flush=True)

@@ -61,7 +61,7 @@ def _optimizer(cfg: NeoXConfig, loc: Locator, purpose: str | None) -> None:
     """The optimizer's parameters as the optimizer will be built with them."""
     if cfg.optim.optimizer is None and purpose != "train":
         return
-    from megatron.training.optimizers import optimizer_kwargs
+    from megatron.training.optimizer_params import optimizer_kwargs
 
     try:
         kwargs = optimizer_kwargs(cfg.optim)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from megatron.launch.plan import backend_command, plan_launch
@@ -115,3 +120,84 @@ def test_force_multi_on_one_node(tmp_path):
     p = plan(hostfile=str(path), force_multi=True, master_addr="127.0.0.1", no_ssh_check=True)
     assert "--force_multi" in p.argv and "--no_ssh_check" in p.argv
     assert backend_command(p)[0] == "pdsh"
+
+
+# --------------------------------------------------------------------------- local launch
+
+
+def _runner_command(runner_argv, monkeypatch):
+    """The command DeepSpeed's runner itself starts for ``runner_argv`` (its process is
+    replaced by a recorder)."""
+    from deepspeed.launcher import runner
+
+    started = []
+    real_popen = runner.subprocess.Popen
+
+    class Started:
+        returncode = 0
+
+        def wait(self):
+            return 0
+
+    def popen(cmd, *args, **kwargs):
+        if "deepspeed.launcher.launch" not in cmd:  # e.g. lscpu for the CPU's NUMA nodes
+            return real_popen(cmd, *args, **kwargs)
+        started.append(list(cmd))
+        return Started()
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    runner.main(runner_argv)
+    assert len(started) == 1
+    return started[0]
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"num_gpus": 2, "master_port": 29611},
+    {"num_gpus": 3, "num_nodes": 1, "master_addr": "10.0.0.7", "rank_guard": True},
+], ids=["one-rank", "two-ranks", "guarded"])
+def test_local_cpu_launch_is_the_command_deepspeeds_runner_starts(kw, monkeypatch):
+    rank_guard = kw.pop("rank_guard", False)
+    p = plan_launch(LauncherArgs(**kw), "train.py", ARGS, gpu=False, local_device_count=0,
+                    rank_guard=rank_guard)
+    assert p.local_argv is not None and p.local_argv[1:4] == ["-u", "-m",
+                                                             "deepspeed.launcher.launch"]
+    assert p.local_argv == _runner_command(p.argv[4:], monkeypatch)
+
+
+def test_the_runner_decides_everything_but_a_plain_local_cpu_launch(hostfile):
+    assert plan(gpu=True).local_argv is None
+    assert plan(hostfile=hostfile).local_argv is None
+    assert plan(hostfile=hostfile, include="worker-1").local_argv is None
+    assert plan(autotuning_run="tune").local_argv is None
+    assert plan(detect_nvlink_pairs=True).local_argv is None
+    one = plan_launch(LauncherArgs(), "train.py", ARGS, gpu=False, local_device_count=0,
+                      extra_runner_args=["--bind_cores_to_rank"])
+    assert one.local_argv is None
+
+
+def test_deepy_dry_run_on_cpu_imports_neither_torch_nor_deepspeed():
+    """deepy.py's own start-up: config validation and the launch plan need neither (seconds
+    per launch); the GPU check answers without torch where no GPU can be."""
+    code = (
+        "import sys\n"
+        "from megatron import accelerator\n"
+        "possible = accelerator.gpu_possible()\n"
+        "from megatron.launch import cli\n"
+        "code = cli.main(['--dry-run', 'train.py', 'configs/tiny_neox.yml', '--num_gpus', '2',"
+        " '--tokenizer_type', 'CharLevelTokenizer', '--data_path', '/nonexistent/data'])\n"
+        "print('LOADED', sorted({'torch', 'deepspeed'} & set(sys.modules)))\n"
+        "import torch\n"
+        "print('GPU', possible, torch.cuda.is_available())\n"
+        "sys.exit(code)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert "LOADED []" in out.stdout
+    assert "deepspeed.launcher.launch --world_info=" in out.stdout
+    # where no GPU is possible, torch agrees there is none
+    possible, available = out.stdout.split("GPU ")[1].split()
+    assert possible == "True" or available == "False"
