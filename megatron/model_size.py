@@ -25,6 +25,7 @@ from megatron.model.args import (
     is_moe_layer,
     mamba_dt_rank,
     mamba_inner_width,
+    mlp_bias,
     mlp_width,
     moe_expert_width,
     rwkv_dims,
@@ -161,7 +162,7 @@ def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     per_layer = s.layer_matmul_params()
     if model.use_bias_in_attn_linear:
         per_layer += s.qkv_out + s.hidden
-    if model.use_bias_in_mlp:
+    if mlp_bias(model):
         per_layer += s.ffn * (2 if s.gated else 1) + s.hidden
     if model.use_qk_layernorm:  # one norm over head_dim for the queries, one for the keys
         per_layer += 2 * _norm_params(model, s.head_dim)
@@ -181,7 +182,7 @@ def parameter_count(model: ModelArgs, padded_vocab: int) -> int:
     total = layer_total + norm  # + final norm
     # a mixture-of-experts layer: every expert once (no biases) and the router, instead of
     # the dense MLP and its biases (layers without attention have no MLP)
-    mlp_biases = s.ffn * (2 if s.gated else 1) + s.hidden if model.use_bias_in_mlp else 0
+    mlp_biases = s.ffn * (2 if s.gated else 1) + s.hidden if mlp_bias(model) else 0
     experts = model.moe_num_experts
     moe_mlp = experts * s.expert_matmul_params() + experts * s.hidden
     total += sum(1 for d in _unique_depths(model)

@@ -38,6 +38,7 @@ from megatron.model.activations import fuse_gated, split_gated, tanh_gelu
 from megatron.model.args import (
     ModelArgs,
     attention_layer_types,
+    mlp_bias,
     mlp_width,
     moe_expert_width,
 )
@@ -126,7 +127,7 @@ def export_architecture(model: ModelArgs, architecture: str) -> str:
     if architecture == "mistral":
         _require(not model.use_bias_in_attn_linear, "use_bias_in_attn_linear",
                  "MistralForCausalLM has no attention biases")
-        _require(not model.use_bias_in_mlp, "use_bias_in_mlp",
+        _require(not mlp_bias(model), "use_bias_in_mlp",
                  "MistralForCausalLM has no MLP biases")
     return architecture
 
@@ -205,7 +206,7 @@ def hf_config(model: ModelArgs, architecture: str, *, vocab_size: int,
             sliding_window=model.sliding_window_width if local else None,
         )  # fmt: skip
     return LlamaConfig(**common, **llama_like, attention_bias=model.use_bias_in_attn_linear,
-                       mlp_bias=model.use_bias_in_mlp)
+                       mlp_bias=mlp_bias(model))
 
 
 # ------------------------------------------------------------------ weights out
@@ -289,7 +290,7 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], model: ModelArgs,
         gate, up = split_gated(sd[src + "mlp.dense_h_to_4h.weight"])
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
         out[dst + "mlp.down_proj.weight"] = sd[src + "mlp.dense_4h_to_h.weight"]
-        if model.use_bias_in_mlp:
+        if mlp_bias(model):
             gate_b, up_b = split_gated(sd[src + "mlp.dense_h_to_4h.bias"])
             out[dst + "mlp.gate_proj.bias"], out[dst + "mlp.up_proj.bias"] = gate_b, up_b
             out[dst + "mlp.down_proj.bias"] = sd[src + "mlp.dense_4h_to_h.bias"]
@@ -471,7 +472,7 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], model: ModelArgs,
         out[dst + "mlp.dense_h_to_4h.weight"] = fuse_gated(
             _get(hf_sd, src + "mlp.gate_proj.weight"), _get(hf_sd, src + "mlp.up_proj.weight"))
         out[dst + "mlp.dense_4h_to_h.weight"] = _get(hf_sd, src + "mlp.down_proj.weight")
-        if model.use_bias_in_mlp:
+        if mlp_bias(model):
             out[dst + "mlp.dense_h_to_4h.bias"] = fuse_gated(
                 _get(hf_sd, src + "mlp.gate_proj.bias"), _get(hf_sd, src + "mlp.up_proj.bias"))
             out[dst + "mlp.dense_4h_to_h.bias"] = _get(hf_sd, src + "mlp.down_proj.bias")

@@ -318,6 +318,12 @@ def mlp_projection_widths(model: ModelArgs, activation: str) -> tuple[int, int]:
     return first, second
 
 
+def mlp_bias(model: ModelArgs) -> bool:
+    """Whether the MLP projections have biases: ``use_bias_in_mlp``, except that GPT-NeoX's
+    legacy Llama MLP (``mlp_type: llama``) never has them."""
+    return model.use_bias_in_mlp and model.mlp_type != "llama"
+
+
 #: What GPT-NeoX's legacy Llama MLP (``mlp_type: llama``) rounds its width to.
 LEGACY_LLAMA_MULTIPLE_OF = 256
 

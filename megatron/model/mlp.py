@@ -26,7 +26,7 @@ from megatron.model.activations import (
     is_gated,
     tanh_gelu,
 )
-from megatron.model.args import ModelArgs, mlp_width
+from megatron.model.args import ModelArgs, mlp_bias, mlp_width
 from megatron.model.init_methods import InitFn
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.parallel.state import ParallelState
@@ -49,15 +49,15 @@ class MLP(nn.Module):
         self.gated = is_gated(model.activation)
         self.act = activation_function(model.activation, openai_gelu=tanh_gelu(model))
         self.bias_in_activation = (
-            model.bias_gelu_fusion and model.activation == "gelu" and model.use_bias_in_mlp
+            model.bias_gelu_fusion and model.activation == "gelu" and mlp_bias(model)
         )
         self.dense_h_to_4h = ColumnParallelLinear(
-            hidden, self.ffn * (2 if self.gated else 1), state=state, bias=model.use_bias_in_mlp,
+            hidden, self.ffn * (2 if self.gated else 1), state=state, bias=mlp_bias(model),
             init_method=init_method, sequence_parallel_input=sequence_parallel,
             partition_stride=2 if self.gated else 1, skip_bias_add=self.bias_in_activation,
         )  # fmt: skip
         self.dense_4h_to_h = RowParallelLinear(
-            self.ffn, hidden, state=state, bias=model.use_bias_in_mlp,
+            self.ffn, hidden, state=state, bias=mlp_bias(model),
             init_method=output_init_method, sequence_parallel_output=sequence_parallel,
             skip_bias_add=model.bias_dropout_fusion,
         )  # fmt: skip

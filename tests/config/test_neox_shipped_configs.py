@@ -57,7 +57,9 @@ EXPECTED: dict[str, str | tuple[str, str]] = {
     "llama2/codellama_7B.yml": DRY_RUNS,
     "llama2/train_config.yml": DRY_RUNS,  # with llama2/7B.yml, below
     "mistral/7B.yml": DRY_RUNS,
-    "mamba/mamba-130M.yml": DRY_RUNS,
+    # with llama2/train_config.yml's fp16: DeepSpeed casts every parameter (GPT-NeoX keeps
+    # A_log and D in fp32 through its DeepSpeed fork's no-cast flag)
+    "mamba/mamba-130M.yml": ("mamba_selective_fp32_params", "cannot stay fp32 parameters"),
     "1-3B-transformer-engine.yml": ("te_layernorm_mlp", "transformer_engine"),
     "bnb_125M.yml": ("use_bnb_optimizer", "bitsandbytes"),
     "llemma/7B.yml": ("decay_lr_to", "set min_lr"),
@@ -130,6 +132,9 @@ def test_shipped_config_refused_in_one_line(name):
 REAL_MODELS = [  # file, vocabulary, parameters, MLP width, MLP bias parameters of the file
     ("llama2/7B.yml", 32000, 6_738_415_616, 11008, 32 * (2 * 11008 + 4096)),
     ("llama2/70B.yml", 32000, 68_976_648_192, 28672, 80 * (2 * 28672 + 8192)),
+    # GPT-NeoX's legacy Llama MLP (mlp_type: llama): 8/3 x hidden rounded to 256, no biases
+    ("llama/7B.yml", 32000, 6_738_415_616, 11008, 0),
+    ("llama2/7B_mlp_type_llama.yml", 32000, 6_738_415_616, 11008, 0),
     ("pythia/160M.yml", 50304, 162_322_944, 3072, 0),
     ("pythia/6-9B.yml", 50432, 6_857_302_016, 16384, 0),
     ("20B.yml", 50432, 20_554_567_680, 24576, 0),
