@@ -52,23 +52,27 @@ def _moment_keys(engine: Any) -> list[str]:
     return []
 
 
+def link_optimizer_fragments(params: list[Any], state: dict[str, Any], keys: list[str]) -> None:
+    """Point the optimizer-state fragment of every ZeRO 1/2 parameter in ``params`` at its part
+    of its flat fp32 partition's ``state`` (the ``keys`` present there): DeepSpeed links only
+    the keys present when it first looks."""
+    for lp in params:
+        mapping = getattr(lp, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        if mapping.optim_fragment is None:
+            mapping.optim_fragment = {}
+        address = mapping.get_hp_fragment_address()
+        for key in keys:
+            if key in state:
+                mapping.optim_fragment[key] = state[key].narrow(0, address.start, address.numel)
+
+
 def _link_moments(zero_opt: Any, keys: list[str]) -> None:
-    """Point every ZeRO 1/2 parameter's optimizer-state fragments at the current state of its
-    flat partition (DeepSpeed links only the keys present when it first looks)."""
+    """Link every ZeRO 1/2 parameter's fragments to the current state of its partition."""
     for flat, params in zip(zero_opt.single_partition_of_fp32_groups, zero_opt.bit16_groups,
                             strict=True):
-        state = zero_opt.optimizer.state.get(flat, {})
-        for lp in params:
-            mapping = getattr(lp, "_hp_mapping", None)
-            if mapping is None:
-                continue
-            if mapping.optim_fragment is None:
-                mapping.optim_fragment = {}
-            address = mapping.get_hp_fragment_address()
-            for key in keys:
-                if key in state:
-                    mapping.optim_fragment[key] = state[key].narrow(0, address.start,
-                                                                    address.numel)
+        link_optimizer_fragments(params, zero_opt.optimizer.state.get(flat, {}), keys)
 
 
 def expert_state(engine: Any) -> dict[str, dict[str, torch.Tensor]] | None:

@@ -37,7 +37,12 @@ from typing import Any
 
 import torch
 
-from megatron.checkpoint.experts import expert_parameters, local_experts, read_expert_shards
+from megatron.checkpoint.experts import (
+    expert_parameters,
+    link_optimizer_fragments,
+    local_experts,
+    read_expert_shards,
+)
 from megatron.checkpoint.manifest import CheckpointError, atomic_write
 from megatron.checkpoint.reshard import REPLICATED, merge_tp_shards, split_rules
 from megatron.checkpoint.safe_load import load_file
@@ -444,15 +449,7 @@ def _prime_zero12_states(zero_opt: Any, keys: list[str], scalars: Mapping[str, A
                 state[key] = torch.zeros_like(flat)
         for key, value in scalars.items():
             state[key] = _scalar(value)
-        for lp in params:
-            mapping = getattr(lp, "_hp_mapping", None)
-            if mapping is None:
-                continue
-            if mapping.optim_fragment is None:
-                mapping.optim_fragment = {}
-            address = mapping.get_hp_fragment_address()
-            for key in keys:
-                mapping.optim_fragment[key] = state[key].narrow(0, address.start, address.numel)
+        link_optimizer_fragments(params, state, keys)
 
 
 def _prime_zero3_states(zero_opt: Any, keys: list[str], scalars: Mapping[str, Any]) -> None:

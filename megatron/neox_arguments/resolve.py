@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from megatron.neox_arguments import checks, checks_services, shortcuts
+from megatron.neox_arguments import checks, checks_services, checks_training, shortcuts
 from megatron.neox_arguments.config import NeoXConfig, padded_vocab_size
 from megatron.neox_arguments.deepspeed_config import BF16_KEYS
 from megatron.neox_arguments.fields import ConfigError, coerce, type_name
@@ -251,7 +251,7 @@ def resolve_config(merged: MergedConfig, facts: RunFacts | None = None) -> NeoXC
     checks.check_config(cfg, loc, facts.purpose)
     checks_services.check_services(cfg, loc)
     warnings += checks.mlp_warnings(cfg)
-    warnings += checks.act_ckpt_warnings(cfg, facts.gpu)
+    warnings += checks_training.act_ckpt_warnings(cfg, facts.gpu)
     warnings += checks.check_machine(cfg, loc, facts)
     return dataclasses.replace(cfg, warnings=tuple(warnings))
 
